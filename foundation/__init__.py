@@ -1,0 +1,3 @@
+"""foundation: pretraining multimodal radiology foundation models on pseudonymised archives."""
+
+__version__ = "0.1.0"
