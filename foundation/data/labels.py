@@ -1,0 +1,216 @@
+"""Label tables for biomarker heads, joined to samples by pseudonym.
+
+A table (CSV, or Parquet when pyarrow is importable) has one key column and target columns.
+The key column holds either a pseudonym already (``study``, ``accession``, ``patient``: the
+values of ``meta["study"]`` etc.) or an original hospital identifier (``accession_number``,
+``patient_id``), which is hashed with the pseudonymisation key as the row is read. Raw
+identifiers live only in the local variable of the row being read: they are never stored in
+the table, written anywhere, or named in an error (errors give the file and the row number).
+Only the key and the requested target columns are kept: other identifier columns of the file
+(a ``patient_id`` next to an ``accession_number`` key) are dropped on load.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from foundation.privacy.pseudonym import PseudonymKey
+from foundation.sample import Sample
+
+# key column -> (meta field it joins on, pseudonym namespace to hash with; None: already hashed)
+KEY_COLUMNS: dict[str, tuple[str, str | None]] = {
+    "study": ("study", None),
+    "accession": ("accession", None),
+    "patient": ("patient", None),
+    "accession_number": ("accession", "accession"),
+    "patient_id": ("patient", "patient"),
+}
+_MISSING = {"", "na", "nan", "null", "none"}
+_BOOLEAN = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
+
+
+class LabelTableError(ValueError):
+    """A label table that cannot be used; the message names the file and the reason only."""
+
+
+@dataclass
+class LabelTable:
+    """Targets by pseudonym: ``rows[pseudonym][column] -> value`` (float, or str for classes)."""
+
+    join_on: str  # "study" | "accession" | "patient": the meta field to look up
+    columns: list[str]
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = ""
+
+    def lookup(self, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The targets of the sample whose meta is given, or None when it has no row."""
+        ident = meta.get(self.join_on)
+        return self.rows.get(ident) if ident else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _parse(value: Any) -> Any:
+    """Numbers as float, booleans as 0/1, missing as NaN, else a stripped string (a class)."""
+    if value is None:
+        return float("nan")
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    if text.lower() in _MISSING:
+        return float("nan")
+    if text.lower() in _BOOLEAN:
+        return _BOOLEAN[text.lower()]
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _read_rows(path: Path) -> tuple[list[str], Iterable[dict[str, Any]]]:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise LabelTableError(f"{path}: reading Parquet needs pyarrow; use CSV") from err
+        table = pq.read_table(path)
+        return list(table.column_names), table.to_pylist()
+    f = path.open(newline="", encoding="utf-8-sig")
+    reader = csv.DictReader(f)
+    header = list(reader.fieldnames or [])
+
+    def rows() -> Iterable[dict[str, Any]]:
+        with f:
+            yield from reader
+
+    return header, rows()
+
+
+def load_label_table(
+    path: str | Path,
+    key_column: str,
+    columns: Iterable[str],
+    key: PseudonymKey | None = None,
+    *,
+    join_on: str | None = None,
+    namespace: str | None = None,
+) -> LabelTable:
+    """Read ``path`` keeping ``key_column`` (hashed if raw) and the target ``columns``.
+
+    ``key_column`` is one of ``KEY_COLUMNS`` or, with ``join_on`` (and ``namespace`` when the
+    column holds raw identifiers), any column name. Raw identifiers need ``key``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LabelTableError(f"{path}: label table not found")
+    if join_on is None:
+        if key_column not in KEY_COLUMNS:
+            raise LabelTableError(
+                f"{path}: key column {key_column!r} is not one of {sorted(KEY_COLUMNS)}; "
+                "give join_on (study|accession|patient) for another name"
+            )
+        join_on, namespace = KEY_COLUMNS[key_column]
+    if join_on not in ("study", "accession", "patient"):
+        raise LabelTableError(f"{path}: join_on must be study, accession or patient")
+    if namespace is not None and key is None:
+        raise LabelTableError(
+            f"{path}: key column {key_column!r} holds raw identifiers; a pseudonymisation key is needed"
+        )
+    columns = list(columns)
+    header, rows = _read_rows(path)
+    missing = [c for c in [key_column, *columns] if c not in header]
+    if missing:
+        raise LabelTableError(f"{path}: missing columns {missing}")
+
+    table = LabelTable(join_on=join_on, columns=columns, source=path.name)
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        raw = row.get(key_column)
+        ident = "" if raw is None else str(raw).strip()
+        if not ident:
+            raise LabelTableError(f"{path}: row {i} has an empty {key_column!r}")
+        if namespace is not None:
+            ident = key.pseudonym(namespace, ident)  # type: ignore[union-attr]
+        if ident in table.rows:
+            raise LabelTableError(f"{path}: row {i} repeats the key of an earlier row")
+        table.rows[ident] = {c: _parse(row.get(c)) for c in columns}
+    return table
+
+
+def is_missing(value: Any) -> bool:
+    """True for a NaN target (an empty cell)."""
+    return isinstance(value, float) and math.isnan(value)
+
+
+# ---- joining labels to samples ----------------------------------------------------------------
+@dataclass
+class LabelledSamples:
+    """Series with a label row, of one modality and dims; ``rows`` by study pseudonym."""
+
+    keys: list[str] = field(default_factory=list)  # sample keys, in reading order
+    sample_study: list[str] = field(default_factory=list)  # study pseudonym of each sample
+    study_patient: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    images: list[Any] = field(default_factory=list)  # transformed images, when asked for
+
+
+def source_samples(
+    manifest: str | Path, modality: str | None = None, dims: int | None = None
+) -> Iterator[Sample]:
+    """Samples of a manifest, reading only the shards that can hold ``modality``/``dims``."""
+    from foundation.shards.manifest import Manifest
+    from foundation.shards.reader import iter_samples
+
+    m = Manifest.load(manifest)
+    m.shards = [
+        r
+        for r in m.shards
+        if (modality is None or not r.modalities or modality in r.modalities)
+        and (dims is None or not r.dims or r.dims.get(str(dims), 0) > 0)
+    ]
+    return iter_samples(m, decode_image=True)
+
+
+def select_samples(samples: Iterable[Sample], modality: str, dims: int | None) -> Iterator[Sample]:
+    """Samples of ``modality`` and ``dims`` (dims fixed by the first match when None)."""
+    for s in samples:
+        if s.meta.get("modality") != modality:
+            continue
+        if dims is None:
+            dims = int(s.meta["dims"])
+        if int(s.meta.get("dims", s.image.ndim)) == dims:
+            yield s
+
+
+def join_labels(
+    table: LabelTable,
+    samples: Iterable[Sample],
+    modality: str,
+    dims: int | None,
+    transform_for: Callable[[int], Callable[[np.ndarray, dict], Any]] | None = None,
+) -> LabelledSamples:
+    """Samples of ``modality``/``dims`` that have a label row; images transformed when asked."""
+    out = LabelledSamples()
+    transform = None
+    for s in select_samples(samples, modality, dims):
+        row = table.lookup(s.meta)
+        if row is None:
+            continue
+        study = s.meta["study"]
+        out.keys.append(s.key)
+        out.sample_study.append(study)
+        out.study_patient[study] = s.meta["patient"]
+        out.rows[study] = row
+        if transform_for is not None:
+            transform = transform or transform_for(int(s.meta["dims"]))
+            out.images.append(transform(s.image, s.meta))
+    return out

@@ -1,0 +1,194 @@
+"""Image transforms between a decoded shard array and the model: MONAI, array versions.
+
+Input: the stored array (3D ``(X, Y, Z)`` RAS, 2D ``(H, W)``; CT int16 HU, MR/XR float16 in
+[0, 1]) and its meta. Output: float32 ``(C, *size)`` roughly in [0, 1], where CT went through an
+intensity window. ``C`` is the same for every modality (1, or one per CT window with
+``multi_window``; MR/XR are repeated) so 2D or 3D batches can mix modalities.
+
+Training crops before it windows: on a 512x512x160 CT the window then touches a crop, not the
+volume. Randomness comes from one ``RandomState`` shared by the sub-transforms;
+``set_random_state(seed)`` makes a sample's augmentation a function of its seed alone, which the
+stream uses for exact resume (seed = hash of seed, epoch, key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    RandFlip,
+    RandScaleCrop,
+    RandSpatialCropSamples,
+    Resize,
+    ResizeWithPadOrCrop,
+    ScaleIntensityRange,
+    SpatialPad,
+)
+
+# (level, width) in HU: mediastinum (soft tissue), lung, bone. The first is the eval default.
+DEFAULT_CT_WINDOWS: tuple[tuple[float, float], ...] = (
+    (40.0, 400.0),
+    (-600.0, 1500.0),
+    (400.0, 1800.0),
+)
+LEVEL_JITTER = 0.1  # level moves by up to +-10% of the width
+WIDTH_JITTER = (0.8, 1.25)  # width scaled by a factor in this range
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain tensor (MONAI returns MetaTensor; its metadata is not needed past this point)."""
+    return x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+
+
+def _window(x: torch.Tensor, level: float, width: float) -> torch.Tensor:
+    """HU -> [0, 1] through the window ``level +- width/2`` (clipped)."""
+    low, high = level - width / 2.0, level + width / 2.0
+    return _plain(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(x))
+
+
+def _intensity(
+    x: torch.Tensor, modality: str, windows: Sequence[tuple[float, float]], channels: int
+) -> torch.Tensor:
+    """(1, *S) -> (channels, *S) float32 in [0, 1]."""
+    x = x.float()
+    if modality == "CT":
+        return torch.cat([_window(x, lv, wd) for lv, wd in windows], dim=0)
+    return x.clamp_(0.0, 1.0).expand(channels, *x.shape[1:]).contiguous()
+
+
+class TrainTransform:
+    """Random crop(s) to the training size, flips, random CT window(s)."""
+
+    def __init__(
+        self,
+        dims: int,
+        crop_size: Sequence[int],
+        *,
+        ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
+        multi_window: bool = False,
+        flips: bool = True,
+        crops_per_volume: int = 1,
+        min_scale_2d: float = 0.4,
+    ) -> None:
+        if dims not in (2, 3) or len(crop_size) != dims:
+            raise ValueError(f"crop_size {tuple(crop_size)} does not match dims={dims}")
+        self.dims = dims
+        self.crop_size = tuple(int(s) for s in crop_size)
+        self.ct_windows = tuple((float(lv), float(wd)) for lv, wd in ct_windows)
+        self.multi_window = multi_window
+        self.channels = len(self.ct_windows) if multi_window else 1
+        self.crops_per_volume = crops_per_volume
+        if dims == 3:  # fixed-size crops of the volume (padded where it is smaller)
+            self.crop = RandSpatialCropSamples(self.crop_size, num_samples=crops_per_volume)
+            self.pad = SpatialPad(self.crop_size)
+        else:  # RandomResizedCrop analogue: an area fraction in [min_scale, 1], resized
+            self.crop2d = RandScaleCrop(min_scale_2d, max_roi_scale=1.0, random_size=True)
+            self.resize = Resize(self.crop_size, mode="area")
+        self.flips = [RandFlip(prob=0.5, spatial_axis=a) for a in range(dims)] if flips else []
+        self.R = np.random.RandomState()
+        self.set_random_state(None)
+
+    def set_random_state(self, seed: int | None) -> None:
+        """Reseed every random sub-transform from one stream (deterministic augmentation)."""
+        self.R = np.random.RandomState(None if seed is None else seed % (2**32))
+        subs = [*self.flips, *(getattr(self, n) for n in ("crop", "crop2d") if hasattr(self, n))]
+        for t in subs:
+            t.set_random_state(state=self.R)
+
+    def _windows(self) -> list[tuple[float, float]]:
+        chosen = (
+            self.ct_windows
+            if self.multi_window
+            else [self.ct_windows[self.R.randint(len(self.ct_windows))]]
+        )
+        out = []
+        for lv, wd in chosen:
+            w = wd * self.R.uniform(*WIDTH_JITTER)
+            out.append((lv + self.R.uniform(-LEVEL_JITTER, LEVEL_JITTER) * wd, w))
+        return out
+
+    def __call__(self, image: np.ndarray, meta: dict[str, Any]) -> list[torch.Tensor]:
+        """Stored array -> ``crops_per_volume`` tensors ``(C, *crop_size)`` float32 (3D);
+        2D gives ``crops_per_volume`` crops too."""
+        if image.ndim != self.dims:
+            raise ValueError(f"expected a {self.dims}D image, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, *S), stored dtype
+        if self.dims == 3:
+            crops = [self.pad(c) for c in self.crop(x)]
+        else:
+            crops = [self.resize(self.crop2d(x.float())) for _ in range(self.crops_per_volume)]
+        out = []
+        modality = meta.get("modality", "CT")
+        for c in crops:
+            c = _intensity(_plain(c), modality, self._windows(), self.channels)
+            for flip in self.flips:
+                c = flip(c)
+            out.append(_plain(c).float().contiguous())
+        return out
+
+
+class EvalTransform:
+    """Deterministic: 3D centre crop/pad to ``size``; 2D resize to ``size``; fixed CT window(s)."""
+
+    def __init__(
+        self,
+        dims: int,
+        size: Sequence[int],
+        *,
+        ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
+        multi_window: bool = False,
+    ) -> None:
+        if dims not in (2, 3) or len(size) != dims:
+            raise ValueError(f"size {tuple(size)} does not match dims={dims}")
+        self.dims = dims
+        self.size = tuple(int(s) for s in size)
+        windows = tuple((float(lv), float(wd)) for lv, wd in ct_windows)
+        self.windows = windows if multi_window else windows[:1]
+        self.channels = len(self.windows)
+        self.spatial = (
+            ResizeWithPadOrCrop(self.size) if dims == 3 else Resize(self.size, mode="area")
+        )
+
+    def __call__(self, image: np.ndarray, meta: dict[str, Any]) -> torch.Tensor:
+        """Stored array -> ``(C, *size)`` float32."""
+        if image.ndim != self.dims:
+            raise ValueError(f"expected a {self.dims}D image, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image))[None]
+        x = _plain(self.spatial(x if self.dims == 3 else x.float()))
+        x = _intensity(x, meta.get("modality", "CT"), self.windows, self.channels)
+        return _plain(x).float().contiguous()
+
+
+def train_transform(
+    dims: int,
+    crop_size: tuple[int, ...],
+    *,
+    ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
+    multi_window: bool = False,
+    flips: bool = True,
+    crops_per_volume: int = 1,
+) -> Callable[[np.ndarray, dict], list[torch.Tensor]]:
+    """Training augmentation (see ``TrainTransform``)."""
+    return TrainTransform(
+        dims,
+        crop_size,
+        ct_windows=ct_windows,
+        multi_window=multi_window,
+        flips=flips,
+        crops_per_volume=crops_per_volume,
+    )
+
+
+def eval_transform(
+    dims: int,
+    size: tuple[int, ...],
+    *,
+    ct_windows: Sequence[tuple[float, float]] = DEFAULT_CT_WINDOWS,
+    multi_window: bool = False,
+) -> Callable[[np.ndarray, dict], torch.Tensor]:
+    """Deterministic evaluation transform (see ``EvalTransform``)."""
+    return EvalTransform(dims, size, ct_windows=ct_windows, multi_window=multi_window)

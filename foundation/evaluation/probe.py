@@ -1,0 +1,330 @@
+"""Linear and MLP probes on frozen encoders, over cached embeddings.
+
+A probe suite over many biomarkers should cost one encoder pass per (encoder, data): the
+embeddings of every sample of a modality/dims (CLS and mean-pooled, both) are computed once
+and cached under a key made of the encoder's content hash (or its random-init seed and
+config), the manifest version and the transform (modality, dims, size). Each biomarker then
+fits a small head on study embeddings (the mean of the study's series) in milliseconds.
+
+``run_probe_suite`` runs the same probes on the pretrained encoder and on a randomly
+initialised one of the same shape, and writes ``results.md``, ``results.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from foundation.data.labels import LabelTable, select_samples
+from foundation.models.export import LoadedEncoder, manifest_version
+from foundation.models.heads import TaskSpec, make_head
+from foundation.sample import MODALITIES, Sample
+
+CACHE_FORMAT = 1
+
+
+# ---- embedding cache --------------------------------------------------------------------------
+def cache_key(identity: str, vision_cfg: dict, manifest_version: str, transform: dict) -> str:
+    """Hash naming a cache entry: encoder weights + manifest version + transform spec."""
+    spec = {
+        "format": CACHE_FORMAT,
+        "encoder": identity,
+        "vision": vision_cfg,
+        "manifest": manifest_version,
+        "transform": transform,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def embed_samples(
+    model: torch.nn.Module,
+    samples: Iterable[Sample],
+    transform: Callable[[np.ndarray, dict], Tensor],
+    batch_size: int = 16,
+) -> dict[str, np.ndarray]:
+    """One encoder pass: per sample ``cls`` and ``mean`` (patch-token mean) embeddings (n, D)."""
+    model.eval()
+    ids: dict[str, list[str]] = {"key": [], "study": [], "patient": [], "accession": []}
+    cls, mean = [], []
+    images: list[Tensor] = []
+    mods: list[int] = []
+
+    def flush() -> None:
+        if images:
+            tokens = model(torch.stack(images), torch.tensor(mods)).tokens  # (B, 1 + N, D)
+            cls.append(tokens[:, 0].float().numpy())
+            mean.append(tokens[:, 1:].mean(dim=1).float().numpy())
+            images.clear()
+            mods.clear()
+
+    for s in samples:
+        images.append(transform(s.image, s.meta))
+        mods.append(MODALITIES.index(s.meta["modality"]))
+        ids["key"].append(s.key)
+        for name in ("study", "patient", "accession"):
+            ids[name].append(str(s.meta.get(name) or ""))
+        if len(images) == batch_size:
+            flush()
+    flush()
+    if not cls:
+        raise ValueError("no sample to embed (modality/dims filter left none)")
+    out = {k: np.array(v) for k, v in ids.items()}
+    out["cls"], out["mean"] = np.concatenate(cls), np.concatenate(mean)
+    return out
+
+
+def cached_embeddings(
+    cache_dir: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Load ``cache_dir/<key>.npz`` or compute and store it (written atomically)."""
+    path = cache_dir / f"{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    arrays = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+def study_embeddings(
+    arrays: dict[str, np.ndarray], pooling: str, table: LabelTable
+) -> tuple[list[str], np.ndarray, dict[str, str], dict[str, dict]]:
+    """Studies with a label row, their embeddings (mean over series), patients and rows."""
+    emb = arrays[pooling]
+    by_study: dict[str, list[int]] = {}
+    study_patient: dict[str, str] = {}
+    rows: dict[str, dict] = {}
+    for i, study in enumerate(arrays["study"].tolist()):
+        meta = {
+            "study": study,
+            "patient": str(arrays["patient"][i]),
+            "accession": str(arrays["accession"][i]),
+        }
+        row = table.lookup(meta)
+        if row is None:
+            continue
+        by_study.setdefault(study, []).append(i)
+        study_patient[study] = meta["patient"]
+        rows[study] = row
+    studies = sorted(by_study)
+    x = (
+        np.stack([emb[by_study[s]].mean(axis=0) for s in studies])
+        if studies
+        else np.zeros((0, emb.shape[1]))
+    )
+    return studies, x, study_patient, rows
+
+
+# ---- probes -----------------------------------------------------------------------------------
+def fit_probe(
+    x_train: np.ndarray,
+    t_train: np.ndarray,
+    x_val: np.ndarray,
+    t_val: np.ndarray,
+    task: TaskSpec,
+    hidden: int = 0,
+    steps: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> tuple[Callable[[np.ndarray], np.ndarray], list[float]]:
+    """Full-batch AdamW probe on standardised features; keeps the best-validation weights.
+
+    ``t_*``: encoded targets (n, 1 or L), NaN = missing. Returns ``predict(x) -> decoded``
+    predictions and the training-loss curve.
+    """
+    torch.manual_seed(seed)
+    mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    xt = torch.tensor((x_train - mu) / sd, dtype=torch.float32)
+    tt = torch.tensor(t_train, dtype=torch.float32)
+    xv = torch.tensor((x_val - mu) / sd, dtype=torch.float32) if len(x_val) else None
+    tv = torch.tensor(t_val, dtype=torch.float32) if len(x_val) else None
+    head = make_head(xt.shape[1], task.out_features, hidden)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best, best_state, losses = float("inf"), copy.deepcopy(head.state_dict()), []
+    for step in range(steps):
+        head.train()
+        loss = task.loss(head(xt), tt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if xv is not None and (step % 5 == 4 or step == steps - 1):
+            head.eval()
+            with torch.no_grad():
+                v = float(task.loss(head(xv), tv))
+            if v < best:
+                best, best_state = v, copy.deepcopy(head.state_dict())
+    if xv is not None:
+        head.load_state_dict(best_state)
+    head.eval()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = head(torch.tensor((x - mu) / sd, dtype=torch.float32))
+            return task.decode(out).reshape(len(x), -1).numpy()
+
+    return predict, losses
+
+
+def run_probe_job(
+    cfg: Any,
+    loaded: LoadedEncoder,
+    table: LabelTable,
+    samples: Iterable[Sample],
+    transform: Callable[[np.ndarray, dict], Tensor] | None,
+    manifest: dict,
+) -> dict[str, Any]:
+    """The probe path of ``run_finetune`` (cfg: a FinetuneConfig)."""
+    from foundation.training import finetune as ft
+
+    d = cfg.data
+    spec = {"modality": d.modality, "dims": d.dims, "size": d.image_size, "transform": "eval"}
+    vision = asdict(loaded.model.cfg)
+    key = cache_key(loaded.identity, vision, manifest_version(manifest, d.manifest), spec)
+    cache_dir = (
+        Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir).parent / "embedding_cache"
+    )
+
+    def compute() -> dict[str, np.ndarray]:
+        selected = select_samples(samples, d.modality, d.dims)
+        first = next(selected, None)
+        if first is None:
+            raise ValueError(f"{d.manifest}: no {d.modality} sample of the requested dims")
+        dims = int(first.meta["dims"])
+        tf = transform or ft.build_transform(dims, d.image_size or ft.DEFAULT_SIZE[dims])
+
+        def chain() -> Iterable[Sample]:
+            yield first
+            yield from selected
+
+        return embed_samples(loaded.model, chain(), tf, cfg.train.batch_size)
+
+    arrays = cached_embeddings(cache_dir, key, compute)
+    studies, x, study_patient, rows = study_embeddings(arrays, cfg.encoder.pooling, table)
+    if not studies:
+        raise ValueError(
+            f"{d.manifest}: no {d.modality} study joins the label table ({table.source})"
+        )
+    split = ft.make_run_split(cfg, study_patient)
+    index = {s: i for i, s in enumerate(studies)}
+    ft.fit_classes(cfg.tasks, rows.values())
+    hidden = cfg.encoder.probe_hidden if cfg.encoder.freeze == "mlp_probe" else 0
+    predictions: dict[str, dict[str, list]] = {}
+    losses: dict[str, list[float]] = {}
+    tr = np.array([index[s] for s in sorted(split.of("train"))], int)
+    va = np.array([index[s] for s in sorted(split.of("val"))], int)
+    te = np.array([index[s] for s in sorted(split.of("test"))], int)
+    for t in cfg.tasks:
+        # Missing targets stay NaN: the task loss masks them out.
+        t.fit_normalisation(
+            [rows[s][t.column] for s in split.of("train")] if t.type == "regression" else []
+        )
+        targets = np.array([t.encode(rows[s]) for s in studies], float)
+        predict, losses[t.name] = fit_probe(
+            x[tr],
+            targets[tr],
+            x[va],
+            targets[va],
+            t,
+            hidden,
+            cfg.train.probe_steps,
+            cfg.train.lr,
+            cfg.train.weight_decay,
+            cfg.train.seed,
+        )
+        pred = predict(x[te]) if len(te) else np.zeros((0, t.out_features))
+        predictions[t.name] = {studies[i]: p.tolist() for i, p in zip(te, pred, strict=True)}
+    return {"split": split, "predictions": predictions, "rows": rows, "losses": losses}
+
+
+# ---- suite: pretrained vs random init ---------------------------------------------------------
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        cfg = cfg.setdefault(p, {})
+    cfg[last] = value
+
+
+def run_probe_suite(
+    checkpoint: str | Path | None,
+    manifest: str | Path,
+    label_table: str | Path,
+    tasks: Sequence[Any],
+    key: Any,
+    out_dir: str | Path,
+    *,
+    probe: str = "linear",
+    cache_dir: str | Path | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    vision: dict | None = None,
+    samples_fn: Callable[[], Iterable[Sample]] | None = None,
+    transform: Callable[[np.ndarray, dict], Tensor] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Probe every task on the pretrained encoder (if given) and on a random init of it.
+
+    ``tasks``: finetune configs (paths, dicts or FinetuneConfig). ``overrides``: dotted config
+    keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). Returns per task
+    ``{"metric", "type", "n_test", "pretrained", "pretrained_ci", "random_init",
+    "random_init_ci", "metrics"}`` and writes ``out_dir/results.{md,json}`` and plots.
+    """
+    from foundation.evaluation.report import write_report
+    from foundation.training.finetune import FinetuneConfig, run_finetune
+
+    out = Path(out_dir)
+    inits = (["pretrained"] if checkpoint is not None else []) + ["random_init"]
+    summary: dict[str, dict[str, Any]] = {}
+    plots: dict[str, dict[str, dict]] = {}
+    for task in tasks:
+        base = FinetuneConfig.from_any(task).to_dict()
+        base["data"]["manifest"] = str(manifest)
+        base["labels"]["path"] = str(label_table)
+        base["encoder"].update(
+            freeze=f"{probe}_probe", checkpoint=str(checkpoint) if checkpoint else None
+        )
+        if vision is not None:
+            base["encoder"]["vision"] = vision
+        base["eval"].update(n_bootstrap=n_bootstrap, seed=seed)
+        base["cache_dir"] = str(cache_dir or out / "embedding_cache")
+        for dotted, value in (overrides or {}).items():
+            _set(base, dotted, value)
+        for init in inits:
+            cfg = copy.deepcopy(base)
+            cfg["encoder"]["init"] = "pretrained" if init == "pretrained" else "random"
+            cfg["out_dir"] = str(out / base["name"] / init)
+            samples = samples_fn() if samples_fn else None
+            res = run_finetune(cfg, key, samples=samples, transform=transform)
+            for name, tr in res["tasks"].items():
+                m = tr["metrics"][tr["metric"]]
+                entry = summary.setdefault(
+                    name,
+                    {
+                        "metric": tr["metric"],
+                        "type": tr["type"],
+                        "n_test": tr["n_test"],
+                        "pretrained": None,
+                        "pretrained_ci": None,
+                        "metrics": {},
+                    },
+                )
+                entry[init], entry[f"{init}_ci"] = m["value"], m["ci"]
+                entry["target_transform"] = tr.get("target_transform")
+                entry["metrics"][init] = tr["metrics"]
+                plots.setdefault(name, {})[init] = res["predictions"][name]
+    write_report(summary, plots, out)
+    return summary

@@ -1,0 +1,149 @@
+"""Zero-shot image <-> report retrieval on held-out patients (``foundation evaluate``).
+
+One image embedding per study: the mean of ``encode_image`` over the study's series of its
+most common dimensionality (2D or 3D), renormalised; against that study's report through
+``encode_text``. Recall@k counts a query as found when fewer than k other candidates score at
+least as high as its own pair: ties count against the query, so a collapsed encoder (all
+scores equal) gets recall 0, not 1. Chance recall@1 is 1/n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from foundation.sample import MODALITIES, Sample
+
+KS: tuple[int, ...] = (1, 5, 10)
+DEFAULT_SIZE = {2: (224, 224), 3: (96, 96, 96)}
+
+
+def recall_at_k(sim: np.ndarray, ks: Iterable[int] = KS) -> dict[int, float]:
+    """Recall@k of the diagonal pairs in a square similarity matrix ``(n, n)`` (rows = queries)."""
+    sim = np.asarray(sim, float)
+    own = np.diag(sim)[:, None]
+    rank = (sim >= own).sum(axis=1) - 1  # other candidates scoring at least the true pair
+    return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    enc = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+@torch.no_grad()
+def study_image_embeddings(
+    module: Any,
+    samples: Iterable[Sample],
+    transform_for: Callable[[int], Callable[[np.ndarray, dict], Tensor]],
+    patients: set[str] | None = None,
+    batch_size: int = 16,
+) -> tuple[list[str], Tensor, dict[str, str]]:
+    """Studies (sorted), their image embeddings ``(n, E)`` and their reports."""
+    sums: dict[tuple[str, int], Tensor] = {}
+    counts: dict[tuple[str, int], int] = {}
+    reports: dict[str, str] = {}
+    buffers: dict[int, list[tuple[str, Tensor, int]]] = {2: [], 3: []}
+
+    def flush(dims: int) -> None:
+        buf = buffers[dims]
+        if not buf:
+            return
+        image = torch.stack([b[1] for b in buf])
+        modality = torch.tensor([b[2] for b in buf], dtype=torch.long)
+        emb = module.encode_image(image, modality).float()  # (B, E), normalised
+        for (study, _, _), e in zip(buf, emb, strict=True):
+            sums[(study, dims)] = sums.get((study, dims), 0) + e
+            counts[(study, dims)] = counts.get((study, dims), 0) + 1
+        buf.clear()
+
+    transforms: dict[int, Callable] = {}
+    for s in samples:
+        if patients is not None and s.meta.get("patient") not in patients:
+            continue
+        dims = int(s.meta.get("dims", s.image.ndim))
+        if dims not in transforms:
+            transforms[dims] = transform_for(dims)
+        study = s.meta["study"]
+        if s.report and s.report.strip():
+            reports.setdefault(study, s.report)
+        image = transforms[dims](s.image, s.meta)
+        buffers[dims].append((study, image, MODALITIES.index(s.meta["modality"])))
+        if len(buffers[dims]) == batch_size:
+            flush(dims)
+    for dims in buffers:
+        flush(dims)
+
+    studies = sorted(s for s in {k[0] for k in sums} if s in reports)
+    embs = []
+    for study in studies:
+        # Most series wins; ties go to 3D (the richer view of the study).
+        dims = max((d for d in (3, 2) if (study, d) in counts), key=lambda d: counts[(study, d)])
+        embs.append(F.normalize(sums[(study, dims)] / counts[(study, dims)], dim=-1))
+    emb = torch.stack(embs) if embs else torch.zeros(0, 1)
+    return studies, emb, {s: reports[s] for s in studies}
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    module: Any,
+    manifest: str,
+    tokenizer: Any,
+    patients: set[str] | None = None,
+    *,
+    image_size: dict[int, tuple[int, ...]] | None = None,
+    batch_size: int = 16,
+    max_length: int = 256,
+    samples: Iterable[Sample] | None = None,
+    transform_for: Callable[[int], Callable[[np.ndarray, dict], Tensor]] | None = None,
+) -> dict[str, float | int]:
+    """Recall@1/5/10 image->text and text->image over the studies of ``patients`` (None: all).
+
+    ``module`` offers ``encode_image`` and ``encode_text`` (a PretrainModule); ``tokenizer`` is
+    a transformers tokenizer. ``samples``/``transform_for`` default to the manifest's shards and
+    the evaluation transform at ``image_size`` (per dims).
+    """
+    sizes = {**DEFAULT_SIZE, **(image_size or {})}
+    if transform_for is None:
+        from foundation.data.transforms import eval_transform
+
+        def transform_for(dims: int) -> Callable[[np.ndarray, dict], Tensor]:
+            return eval_transform(dims, tuple(sizes[dims]))
+
+    if samples is None:
+        from foundation.shards.reader import iter_samples
+
+        samples = iter_samples(manifest, decode_image=True)
+    was_training = module.training
+    module.eval()
+    try:
+        studies, img, reports = study_image_embeddings(
+            module, samples, transform_for, patients, batch_size
+        )
+        n = len(studies)
+        if n == 0:
+            raise ValueError(f"{manifest}: no study with an image and a report to retrieve")
+        txt = []
+        for i in range(0, n, batch_size):
+            ids, mask = _tokenize(
+                tokenizer, [reports[s] for s in studies[i : i + batch_size]], max_length
+            )
+            txt.append(module.encode_text(ids, mask).float())
+        sim = (img @ torch.cat(txt).T).numpy()  # (n images, n reports)
+    finally:
+        module.train(was_training)
+    out: dict[str, float | int] = {}
+    for k, v in recall_at_k(sim).items():
+        out[f"i2t_r{k}"] = v
+    for k, v in recall_at_k(sim.T).items():
+        out[f"t2i_r{k}"] = v
+    out["n"] = n
+    out["chance_r1"] = 1.0 / n
+    return out

@@ -1,0 +1,503 @@
+"""Report text scrubbing: identifiers out, clinical content in (French and English reports).
+
+Each detector finds character spans with an eds-pseudo label (NOM, DATE, TEL, ...); spans that
+overlap are merged and the merged span is replaced by the placeholder of its strongest label
+("[NOM]", "[DATE]", ...), so the report stays readable. Dates are moved by the patient's shift
+(the one ``study_date`` gets) when ``shift_days`` is given, birth dates always blanked.
+
+Detectors work by context (titles "Dr", "Mme" and labels "IPP :", "né le" before the value) and
+by shape (phones, e-mails, NIR, postal codes), plus the study's own header values (``deny``,
+from ``deid.identifier_values``), matched case- and accent-insensitively on word boundaries.
+Bare numbers with units, scores, segments and vertebral levels match none of them.
+Known limit: a name with no title, label or header entry stays (that is what ``deny`` is for);
+a deny-listed name that is also a common word ("Petit") is blanked everywhere in that report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+PLACEHOLDERS: dict[str, str] = {
+    "NOM": "[NOM]", "PRENOM": "[NOM]", "DATE": "[DATE]", "DATE_NAISSANCE": "[DATE_NAISSANCE]",
+    "TEL": "[TEL]", "MAIL": "[MAIL]", "ADRESSE": "[ADRESSE]", "ZIP": "[ZIP]", "VILLE": "[VILLE]",
+    "SECU": "[SECU]", "IPP": "[IPP]", "NDA": "[NDA]", "URL": "[URL]", "HOPITAL": "[HOPITAL]",
+}  # fmt: skip
+# When spans overlap, the merged span takes the label that comes first here.
+_PRIORITY = ("URL", "MAIL", "SECU", "IPP", "NDA", "TEL", "DATE_NAISSANCE", "DATE", "ADRESSE",
+             "ZIP", "HOPITAL", "VILLE", "NOM", "PRENOM")  # fmt: skip
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+U, L = "A-ZÀ-ÖØ-Þ", "a-zß-öø-ÿ"  # upper- and lower-case letters, accents included
+WORD = rf"[{U}][{L}{U}'’]*(?:-[{U}][{L}{U}'’]*)*"  # Capitalised or UPPER word, hyphens allowed
+_PARTICLE = r"(?:de|du|des|la|le|les|van|von|der|den|di|da|del|dos|d['’]|l['’])"
+_NAME_TOKEN = re.compile(rf"(?:(?i:{_PARTICLE})[ \t]?)?(?:[{U}]\.|{WORD})")
+# Capitalised words that start sentences or headings rather than names.
+_NOT_NAMES = _words(
+    """le la les l un une des du de et ou il elle ils on pas absence présence presence examen
+    scanner irm tdm radiographie radio échographie echographie angioscanner indication technique
+    résultat résultats resultat conclusion compte rendu patient patiente homme femme enfant né
+    née service hôpital hopital chu clinique centre institut tél tel fax ipp nda nir date dossier
+    the a an no in on of at findings impression history comparison exam report signed pour avec
+    sans merci cordialement confraternellement bonjour cher chère ami collègue confrère
+    madame monsieur mme mlle dr pr docteur professeur rpps adeli finess mrn pid nip ins"""
+)
+
+_TITLE = (
+    r"(?:(?<![\w.])(?:Dr|Dre|Drs|DR|Pr|Prof|Mme|MME|Mmes|Mlle|MLLE|Mr|MR|Mrs|Ms|Miss)(?:\.|(?!\w))"
+    r"|(?<![\w.])M\.|(?i:\b(?:docteur|professeur|madame|monsieur|mademoiselle)\b))"
+)
+_TITLE_RE = re.compile(rf"{_TITLE}(?:[ \t]+(?:le|la)[ \t]+{_TITLE})?[ \t]*")
+# Labels before a name. After a "strong" label anything capitalised is a name; after a "weak"
+# one ("Patient :", "Radiologue :") it takes two words or an UPPER one, as "Patient : Asymptomatique"
+# is not a name but "Patient : DUPONT" and "Patient : Jean Dupont" are.
+_NAME_LABEL_STRONG_RE = re.compile(
+    r"(?i:\b(?:nom(?:\s+(?:de\s+naissance|d['’]usage|marital|de\s+jeune\s+fille))?|pr[ée]noms?"
+    r"|(?:patient\s+)?name|surname|first\s+name|given\s+name)\s*[:\-]"
+    r"|\b(?:valid[ée]e?|sign[ée]e?|dict[ée]e?|r[ée]dig[ée]e?|interpr[ée]t[ée]e?|demand[ée]e?"
+    r"|adress[ée]e?|relu|lu)\s+par\s*:?"
+    r"|\b(?:signed|reported|dictated|read|requested|referred|verified|approved)\s+by\s*:?"
+    r"|\bcopie\s+(?:à|a)\s*:?)[ \t]*"
+)
+_NAME_LABEL_WEAK_RE = re.compile(
+    r"(?i:\b(?:patient(?:e)?|m[ée]decin(?:\s+(?:prescripteur|demandeur|traitant|r[ée]f[ée]rent"
+    r"|radiologue))?|prescripteur|demandeur|radiologue|manipulat(?:eur|rice)|correspondant"
+    r"|referring\s+physician|physician|radiologist)\s*[:\-])[ \t]*"
+)
+_ID = r"([A-Z]{0,4}[\-\s]?\d[\dA-Z\-/]{3,})"  # an identifier holds at least 4 characters, a digit
+_ID_SEP = r"\s*(?:n°|no\.?|num(?:[ée]ro)?\.?|#)?\s*[:=#]?\s*"
+_ID_RES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "IPP",
+        re.compile(
+            r"(?i:\b(?:IPP|I\.P\.P\.?|identifiant\s+(?:patient|permanent)|id\s+patient|patient\s+id"
+            rf"|PID|MRN|medical\s+record\s+(?:number|no\.?)|RPPS|ADELI|FINESS))\b{_ID_SEP}{_ID}"
+        ),
+    ),
+    (
+        "NDA",  # visit (séjour) numbers; accession numbers take the same placeholder
+        re.compile(
+            r"(?i:\b(?:NDA|N\.D\.A\.?|(?:n°|num[ée]ro)\s*(?:de\s+)?(?:s[ée]jour|venue|dossier|passage)"
+            r"|(?:visit|encounter)\s+(?:number|no\.?|id)|accession(?:\s+(?:number|no\.?|n°))?"
+            r"|(?:n°|num[ée]ro)\s*(?:d['’]\s*)?(?:examen|accession)|acc\.?\s*(?:no\.?|n°|#)))"
+            rf"{_ID_SEP}{_ID}"
+        ),
+    ),
+    (
+        "SECU",
+        re.compile(
+            r"(?i:\b(?:NIR|INS|n°\s*(?:de\s+)?s[ée]cu(?:rit[ée]\s+sociale)?|num[ée]ro\s+de\s+"
+            r"s[ée]cu(?:rit[ée]\s+sociale)?|s[ée]curit[ée]\s+sociale|social\s+security(?:\s+number)?))"
+            r"\s*[:#]?\s*([12][\d \tAB]{11,20}\d)"
+        ),
+    ),
+)
+_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("URL", re.compile(r"(?i:\b(?:https?://|www\.)[^\s<>\"]+[^\s<>\".,;:!?)\]])")),
+    ("MAIL", re.compile(r"[\w.+\-]+@[\w\-]+(?:\.[\w\-]+)+")),
+    # NIR: sex, year, month, department (2A/2B), commune, order, key
+    (
+        "SECU",
+        re.compile(
+            r"(?<![\d\w])[12][ \t]?\d{2}[ \t]?(?:0[1-9]|1[0-2]|[2-9]\d)[ \t]?(?:\d{2}|2[AB])[ \t]?\d{3}"
+            r"[ \t]?\d{3}(?:[ \t]?\d{2})?(?![\d\w])"
+        ),
+    ),
+    # French numbers (0X XX XX XX XX, +33 (0)X ...) and international ones (+CC ...)
+    (
+        "TEL",
+        re.compile(
+            r"(?<![\w+])(?:(?:\+|00)33[ \t]?(?:\(0\)[ \t]?)?[1-9]|0[1-9])(?:[ \t.\-]?\d{2}){4}(?!\d)"
+            r"|(?<![\w+])\+[1-9]\d{0,2}[ \t.\-]?(?:\(\d{1,4}\)[ \t.\-]?)?\d{1,4}(?:[ \t.\-]?\d{2,4}){2,4}(?!\d)"
+        ),
+    ),
+)
+_STREET = (
+    r"(?i:rue|avenue|av\.|bd|boulevard|blvd|place|pl\.|all[ée]e|chemin|impasse|route|rte|quai"
+    r"|cours|square|r[ée]sidence|cit[ée]|lotissement|lieu[- ]dit|hameau|passage|voie|faubourg"
+    r"|rond[- ]point|parvis|esplanade|promenade|sentier|villa)"
+)
+_STREET_LINK = r"(?:(?i:de|du|des|la|le|les|aux|à|et|sur|sous|en)|[dlDL]['’])"
+# particles then a Capitalised word, repeated: "de la Paix", "d'Alésia", "Jean Jaurès"
+_STREET_NAME = (
+    rf"(?:(?:[ \t]+{_STREET_LINK})*[ \t]*(?<=[ \t'’])(?:[dlDL]['’])?{WORD}){{1,6}}(?:[ \t]+\d+)?"
+)
+_ADDRESS_RE = re.compile(
+    rf"(?<![\w,])\d{{1,4}}(?:[ \t]?(?:bis|ter|quater|[A-Da-d]))?[ \t]*,?[ \t]+{_STREET}\b{_STREET_NAME}"
+    rf"|\b(?i:rue|avenue|boulevard|impasse|all[ée]e|quai|chemin)(?=[ \t]+(?:{_PARTICLE}[ \t]*)*[{U}])"
+    rf"{_STREET_NAME}"
+    rf"|(?<!\w)\d{{1,5}}[A-Za-z]?(?:[ \t]+{WORD}){{1,4}}[ \t]+(?:Street|St\.|Road|Rd\.?|Avenue|Ave\.?"
+    r"|Lane|Ln\.?|Drive|Boulevard|Blvd\.?|Court|Way|Terrace)\b"
+    r"|(?<!\w)(?:BP|CS|B\.P\.)[ \t]?\d{2,6}\b"
+)
+_CITY_WORD = rf"(?:[{U}][{L}]{{2,}}|[{U}]{{4,}})(?:-(?:[{U}][{L}]+|[{U}]+|[{L}]+))*"
+_CITY = (
+    rf"(?:(?:Le|La|Les|L['’])[ \t])?{_CITY_WORD}(?:[ \t](?:sur|sous|en|lès|lez|de|du|des|aux|d['’]|l['’])"
+    rf"[ \t]?{_CITY_WORD})?(?:[ \t]+(?i:cedex)(?:[ \t]+\d{{1,2}})?)?"
+)
+_ZIP_CITY_RE = re.compile(
+    rf"(?<![\d\w])((?:0[1-9]|[1-8]\d|9[0-8])\d{{3}}|2[AB]\d{{3}})[ \t]+({_CITY})"
+)
+_ZIP_LABEL_RE = re.compile(r"(?i:\b(?:code\s+postal|CP|zip(?:\s+code)?)\s*[:]?\s*)(\d{5})\b")
+_CITY_CONTEXT_RE = re.compile(
+    r"(?i:\b(?:domicili[ée]e?|demeurant|habitant|r[ée]sidant|habite|vit|originaire|n[ée]e?"
+    rf"|lives|living|resides|born)[ \t]+(?:à|a|au|en|in|at|de)[ \t]+)({_CITY})"
+)
+_CITIES = _words(
+    """Paris Marseille Lyon Toulouse Nice Nantes Montpellier Strasbourg Bordeaux Lille Rennes
+    Reims Toulon Grenoble Dijon Angers Nîmes Nimes Villeurbanne Clermont-Ferrand Aix-en-Provence
+    Brest Limoges Amiens Perpignan Metz Besançon Besancon Orléans Orleans Rouen Mulhouse Caen
+    Nancy Argenteuil Montreuil Saint-Denis Roubaix Tourcoing Avignon Créteil Creteil Poitiers
+    Versailles Nanterre Colombes Pau Vitry-sur-Seine Boulogne-Billancourt Saint-Étienne
+    Saint-Etienne Annecy Colmar Lorient Vannes Quimper Bayonne Chambéry Chambery
+    Troyes Cherbourg Calais Dunkerque Bobigny Villejuif Suresnes Garches Bondy Clichy
+    Neuilly-sur-Seine Kremlin-Bicêtre Évry Evry Pontoise Cergy Meaux Melun Ajaccio Bastia"""
+) | {"Le Havre", "La Rochelle", "La Roche-sur-Yon"}
+_CITY_RE = re.compile(r"(?<![\w\-])(?:" + "|".join(sorted(map(re.escape, _CITIES), key=len, reverse=True)) + r")(?![\w\-])")  # fmt: skip
+_HOSPITAL_HEAD = (
+    r"(?:(?i:h[ôo]pital|h[ôo]pitaux|hospital|groupe[ \t]+hospitalier|centre[ \t]+hospitalier"
+    r"(?:[ \t]+(?:universitaire|r[ée]gional|intercommunal|g[ée]n[ée]ral))*|clinique|polyclinique"
+    r"|centre[ \t]+(?:de[ \t]+lutte[ \t]+contre[ \t]+le[ \t]+cancer|d['’]imagerie(?:[ \t]+m[ée]dicale)?"
+    r"|de[ \t]+radiologie|m[ée]dical)|cabinet[ \t]+de[ \t]+radiologie|hospices[ \t]+civils)"
+    r"|Institut|Fondation|CHU|CHRU|CHR|CHG|CHI|CH|GHU|GH)"
+)
+_HOSPITAL_RE = re.compile(
+    rf"\b{_HOSPITAL_HEAD}(?:(?:[ \t]+|[ \t]?[-–][ \t]?|[ \t](?i:{_PARTICLE})[ \t]?|[ \t](?i:{_PARTICLE})[ \t](?i:{_PARTICLE})[ \t])"
+    rf"(?:{WORD})){{1,6}}(?:[ \t]*\(?AP-?HP\)?)?"
+    r"|(?<![\w\-])(?:AP-HP|APHP|AP–HP|HCL|AP-HM|APHM)(?![\w\-])"
+)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A detected identifier: ``text[start:end]`` becomes ``replacement``."""
+
+    start: int
+    end: int
+    label: str
+    replacement: str
+
+
+def _name_tokens(text: str, pos: int) -> list[re.Match[str]]:
+    """The run of name tokens starting at ``pos`` (same line, at most 4)."""
+    tokens: list[re.Match[str]] = []
+    while len(tokens) < 4:
+        m = _NAME_TOKEN.match(text, _skip_blanks(text, tokens[-1].end()) if tokens else pos)
+        if not m or m.group().strip(".'’").lower() in _NOT_NAMES:
+            break
+        tokens.append(m)
+    return tokens
+
+
+def _skip_blanks(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t":
+        pos += 1
+    return pos
+
+
+def _names(text: str) -> Iterator[Span]:
+    """Capitalised words after a title ("Dr", "Mme", "Monsieur") or a label ("Patient :")."""
+    for regex in (_TITLE_RE, _NAME_LABEL_STRONG_RE, _NAME_LABEL_WEAK_RE):
+        for m in regex.finditer(text):
+            start = m.end()
+            title = _TITLE_RE.match(text, start) if regex is not _TITLE_RE else None
+            start = title.end() if title else start  # "Radiologue : Dr Martin"
+            tokens = _name_tokens(text, start)
+            weak = regex is _NAME_LABEL_WEAK_RE and not title
+            if weak and len(tokens) < 2 and not any(t.group().isupper() and len(t.group()) > 1 for t in tokens):  # fmt: skip
+                continue
+            if tokens:
+                yield Span(start, tokens[-1].end(), "NOM", PLACEHOLDERS["NOM"])
+
+
+def _shapes_and_contexts(text: str) -> Iterator[Span]:
+    for label, regex in _SHAPES:
+        for m in regex.finditer(text):
+            yield Span(m.start(), m.end(), label, PLACEHOLDERS[label])
+    for label, regex in _ID_RES:
+        for m in regex.finditer(text):
+            yield Span(m.start(1), m.end(1), label, PLACEHOLDERS[label])
+    for m in _ADDRESS_RE.finditer(text):
+        yield Span(m.start(), m.end(), "ADRESSE", PLACEHOLDERS["ADRESSE"])
+    for m in _ZIP_CITY_RE.finditer(text):
+        yield Span(m.start(1), m.end(1), "ZIP", PLACEHOLDERS["ZIP"])
+        yield Span(m.start(2), m.end(2), "VILLE", PLACEHOLDERS["VILLE"])
+    for m in _ZIP_LABEL_RE.finditer(text):
+        yield Span(m.start(1), m.end(1), "ZIP", PLACEHOLDERS["ZIP"])
+    for regex in (_CITY_CONTEXT_RE, _CITY_RE):
+        for m in regex.finditer(text):
+            g = 1 if regex.groups else 0
+            if m.group(g).lower() not in _NOT_NAMES:
+                yield Span(m.start(g), m.end(g), "VILLE", PLACEHOLDERS["VILLE"])
+    for m in _HOSPITAL_RE.finditer(text):
+        yield Span(m.start(), m.end(), "HOPITAL", PLACEHOLDERS["HOPITAL"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Dates: moved by the patient's shift (same format), or blanked; birth dates always blanked
+# ---------------------------------------------------------------------------------------------
+
+MONTHS_FR = ("janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août",
+             "septembre", "octobre", "novembre", "décembre")  # fmt: skip
+MONTHS_EN = ("January", "February", "March", "April", "May", "June", "July", "August",
+             "September", "October", "November", "December")  # fmt: skip
+_WEEKDAYS_FR = ("lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche")
+_MONTH_FR = (
+    r"(?P<mon>(?i:janv(?:ier|\.)?|f[ée]v(?:rier|r\.?|\.)?|mars|avr(?:il|\.)?|mai|juin"
+    r"|juil(?:let|\.)?|ao[uû]t|sept(?:embre|\.)?|oct(?:obre|\.)?|nov(?:embre|\.)?"
+    r"|d[ée]c(?:embre|\.)?))"
+)
+_MONTH_EN = r"(?P<mon>(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?)"
+_WEEKDAY = r"(?:(?P<wd>(?i:lundi|mardi|mercredi|jeudi|vendredi|samedi|dimanche))[ \t]+)?"
+_DATE_RES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("fr", re.compile(rf"(?<!\w){_WEEKDAY}(?P<d>1er|\d{{1,2}})[ \t]+{_MONTH_FR}(?!\w)(?:[ \t]+(?P<y>\d{{4}}))?(?!\w)")),
+    ("fr", re.compile(rf"(?<!\w){_MONTH_FR}[ \t]+(?P<y>(?:19|20)\d{{2}})(?!\w)")),
+    ("en", re.compile(rf"(?<!\w){_MONTH_EN}[ \t]+(?P<d>\d{{1,2}})(?:st|nd|rd|th)?,?[ \t]+(?P<y>\d{{4}})(?!\w)")),
+    ("en", re.compile(rf"(?<!\w)(?P<d>\d{{1,2}})(?:st|nd|rd|th)?[ \t]+{_MONTH_EN}[ \t]+(?P<y>\d{{4}})(?!\w)")),
+    ("en", re.compile(rf"(?<![\w,])(?<!\d )(?<!\d\t){_MONTH_EN}[ \t]+(?P<y>(?:19|20)\d{{2}})(?!\w)")),
+    ("num", re.compile(r"(?<![\d/.\-])(?P<d>\d{1,2})(?P<sep>[/.\-])(?P<m>\d{1,2})(?P=sep)(?P<y>\d{4}|\d{2})(?![\d/\-]|\.\d)")),
+    ("num", re.compile(r"(?<![\d/.\-])(?P<y>(?:19|20)\d{2})(?P<sep>[/.\-])(?P<m>\d{1,2})(?P=sep)(?P<d>\d{1,2})(?![\d/\-]|\.\d)")),
+    ("num", re.compile(r"(?<![\w/.\-])(?P<y>(?:19|20)\d{2})(?P<m>0[1-9]|1[0-2])(?P<d>0[1-9]|[12]\d|3[01])(?![\d/.\-])")),
+    ("num", re.compile(r"(?<![\d/.\-])(?P<m>0?[1-9]|1[0-2])/(?P<y>(?:19|20)\d{2})(?![\d/\-]|\.\d)")),
+)  # fmt: skip
+_BIRTH_CONTEXT_RE = re.compile(
+    r"(?i:\bn[ée]e?\s*(?:\(e\))?(?:\s+(?:à|a)\s+\S+)?\s+le|\bdate\s+de\s+naissance|\bDDN|\bD\.D\.N\.?"
+    r"|\bDOB|\bdate\s+of\s+birth|\bbirth\s*date|\bborn(?:\s+on)?|\bnaissance)\s*[:\-]?\s*$"
+)
+
+
+def _month_number(name: str) -> int:
+    key = fold(name)[0].rstrip(".")[:3]
+    fr = [fold(m)[0][:3] for m in MONTHS_FR]
+    en = [m.lower()[:3] for m in MONTHS_EN]
+    if key == "jui":  # juin / juillet share three letters
+        return 7 if fold(name)[0].startswith("juil") else 6
+    return (fr.index(key) if key in fr else en.index(key)) + 1
+
+
+def _year(text: str) -> int:
+    y = int(text)
+    if len(text) == 2:  # 2-digit years: the past century unless it would be in the future
+        y += 2000 if y <= dt.date.today().year % 100 else 1900
+    return y
+
+
+def _shifted(kind: str, m: re.Match[str], days: int) -> str | None:
+    """The date of ``m`` moved by ``days``, written like the original; None if not a date."""
+    g = m.groupdict()
+    try:
+        month = _month_number(g["mon"]) if g.get("mon") else int(g["m"])
+        day = g.get("d")
+        if day is None:  # month and year only: move the middle of the month
+            new = dt.date(_year(g["y"]), month, 15) + dt.timedelta(days=days)
+        else:
+            base_year = _year(g["y"]) if g.get("y") else 2000  # leap year: "29 février" stays valid
+            new = dt.date(base_year, month, 1 if day == "1er" else int(day)) + dt.timedelta(
+                days=days
+            )
+    except (ValueError, TypeError):
+        return None
+    if kind == "num":  # same order, separator and zero-padding as the original
+        keys = sorted((k for k in ("d", "m", "y") if g.get(k)), key=m.start)
+        parts = {"d": new.day, "m": new.month, "y": new.year}
+        out = []
+        for k in keys:
+            if k == "y":
+                out.append(f"{new.year % 100:02d}" if len(g["y"]) == 2 else str(new.year))
+            else:
+                out.append(f"{parts[k]:02d}" if len(g[k]) == 2 else str(parts[k]))
+        return (g.get("sep") or "").join(out)
+    months = MONTHS_FR if kind == "fr" else MONTHS_EN
+    month_name = months[new.month - 1]
+    if g["mon"][:1].isupper():
+        month_name = month_name[:1].upper() + month_name[1:]
+    if day is None:
+        return f"{month_name} {new.year}"
+    d = "1er" if kind == "fr" and new.day == 1 else str(new.day)
+    year = f" {new.year}" if g.get("y") else ""
+    if kind == "en" and m.group().lstrip()[:1].isalpha():
+        return f"{month_name} {d},{year}".rstrip(",") if year else f"{month_name} {d}"
+    weekday = ""
+    if g.get("wd"):
+        weekday = _WEEKDAYS_FR[new.weekday()]
+        weekday = (weekday.capitalize() if g["wd"][:1].isupper() else weekday) + " "
+    return f"{weekday}{d} {month_name}{year}"
+
+
+def _date_like(m: re.Match[str]) -> bool:
+    g = m.groupdict()
+    return int(g.get("d") or 1) <= 31 and int(g["m"]) <= 12
+
+
+def _dates(text: str, shift_days: int | None) -> Iterator[Span]:
+    for kind, regex in _DATE_RES:
+        for m in regex.finditer(text):
+            line_start = text.rfind("\n", 0, m.start()) + 1
+            before = text[max(line_start, m.start() - 40) : m.start()]
+            if _BIRTH_CONTEXT_RE.search(before):
+                yield Span(m.start(), m.end(), "DATE_NAISSANCE", PLACEHOLDERS["DATE_NAISSANCE"])
+                continue
+            if kind == "num" and _shifted(kind, m, 0) is None and not _date_like(m):
+                continue  # "45/13/20" and such: not a date at all ("31/02/2024" still is)
+            new = _shifted(kind, m, shift_days) if shift_days is not None else None
+            yield Span(m.start(), m.end(), "DATE", new or PLACEHOLDERS["DATE"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Deny-list: the study's own header values, case- and accent-insensitive
+# ---------------------------------------------------------------------------------------------
+
+
+def fold(text: str) -> tuple[str, list[int]]:
+    """Lower-cased, accent-free ``text`` and, per folded character, its index in ``text``."""
+    out: list[str] = []
+    index: list[int] = []
+    for i, ch in enumerate(text):
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        base = base.lower().replace("’", "'") or ch
+        out.append(base)
+        index.extend([i] * len(base))
+    return "".join(out), index
+
+
+def _deny_spans(text: str, deny: Iterable[str]) -> Iterator[Span]:
+    patterns = []
+    for value in {str(v) for v in deny if v is not None}:
+        tokens = re.findall(r"\w+", fold(value)[0])
+        if not tokens or sum(len(t) for t in tokens) < 2:
+            continue
+        patterns.append(r"[\W_]{1,3}".join(map(re.escape, tokens)))
+    if not patterns:
+        return
+    patterns.sort(key=len, reverse=True)  # longest first: "Jean Dupont" before "Jean"
+    regex = re.compile(r"(?<!\w)(?:" + "|".join(patterns) + r")(?!\w)")
+    folded, index = fold(text)
+    for m in regex.finditer(folded):
+        start, end = index[m.start()], index[m.end() - 1] + 1
+        label = "IPP" if any(c.isdigit() for c in m.group()) else "NOM"
+        yield Span(start, end, label, PLACEHOLDERS[label])
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge and replace
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(spans: Iterable[Span]) -> list[Span]:
+    """Overlapping spans -> one span over their union, labelled by the strongest label."""
+    rank = {label: i for i, label in enumerate(_PRIORITY)}
+    merged: list[Span] = []
+    cluster: list[Span] = []
+
+    def close() -> None:
+        if not cluster:
+            return
+        start, end = min(s.start for s in cluster), max(s.end for s in cluster)
+        best = min(cluster, key=lambda s: (rank.get(s.label, len(rank)), -(s.end - s.start)))
+        exact = best.start == start and best.end == end
+        merged.append(Span(start, end, best.label, best.replacement if exact else PLACEHOLDERS[best.label]))  # fmt: skip
+        cluster.clear()
+
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if cluster and span.start >= max(s.end for s in cluster):
+            close()
+        cluster.append(span)
+    close()
+    return merged
+
+
+def find_spans(text: str, deny: Iterable[str] = (), shift_days: int | None = None) -> list[Span]:
+    """Identifier spans of ``text``, merged, sorted and non-overlapping."""
+    spans = [
+        *_dates(text, shift_days),
+        *_shapes_and_contexts(text),
+        *_names(text),
+        *_deny_spans(text, deny),
+    ]
+    return _merge(spans)
+
+
+def scrub_report(text: str, deny: Iterable[str] = (), shift_days: int | None = None) -> str:
+    """``text`` with names, dates, contacts, addresses and identifiers replaced by placeholders.
+
+    ``deny``: the study's identifying header values (``deid.identifier_values``), removed
+    wherever they occur. ``shift_days``: the patient's date shift; dates are moved by it and
+    written in their original format, or become "[DATE]" when it is None.
+    """
+    return _apply(text, find_spans(text, deny, shift_days))
+
+
+def _apply(text: str, spans: list[Span]) -> str:
+    out: list[str] = []
+    pos = 0
+    for span in spans:  # sorted, disjoint
+        out += [text[pos : span.start], span.replacement]
+        pos = span.end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _occurrences(needle: str, haystack: str) -> list[tuple[int, int]]:
+    if not needle.strip():
+        return []
+    regex = re.compile(r"(?<!\w)" + re.escape(needle.strip()) + r"(?!\w)", re.IGNORECASE)
+    return [(m.start(), m.end()) for m in regex.finditer(haystack)]
+
+
+def evaluate_scrubber(
+    reports: Mapping[str, str],
+    planted: Mapping[str, list[dict]],
+    deny: Mapping[str, Iterable[str]] | None = None,
+    shift_days: Mapping[str, int] | None = None,
+) -> dict:
+    """Recall and precision of ``scrub_report`` against planted identifiers, per label.
+
+    ``planted[report_id]``: ``[{"text": ..., "label": ...}]`` (optional "start"/"end").
+    Recall: share of planted spans whose text no longer appears in the output. Precision:
+    share of replaced spans that overlap a planted span. Returns counts per label, overall
+    figures and the (report id, label) of every leak; never the identifier texts.
+    """
+    deny, shift_days = deny or {}, shift_days or {}
+    per_label: dict[str, dict[str, float]] = {}
+    leaks: list[tuple[str, str]] = []
+
+    def row(label: str) -> dict[str, float]:
+        return per_label.setdefault(label, {"planted": 0, "removed": 0, "predicted": 0, "hits": 0})
+
+    for rid, text in reports.items():
+        spans = find_spans(text, deny.get(rid, ()), shift_days.get(rid))
+        scrubbed = _apply(text, spans)
+        intervals: list[tuple[int, int]] = []
+        for item in planted.get(rid, []):
+            label, ptext = str(item["label"]), str(item["text"])
+            if "start" in item and "end" in item:
+                intervals.append((int(item["start"]), int(item["end"])))
+            else:
+                intervals.extend(_occurrences(ptext, text))
+            row(label)["planted"] += 1
+            if _occurrences(ptext, scrubbed):
+                leaks.append((rid, label))
+            else:
+                row(label)["removed"] += 1
+        for span in spans:
+            r = row(span.label)
+            r["predicted"] += 1
+            r["hits"] += any(span.start < e and s < span.end for s, e in intervals)
+    for r in per_label.values():
+        r["recall"] = r["removed"] / r["planted"] if r["planted"] else None
+        r["precision"] = r["hits"] / r["predicted"] if r["predicted"] else None
+    tot = {k: sum(r[k] for r in per_label.values()) for k in ("planted", "removed", "predicted", "hits")}  # fmt: skip
+    return {
+        "reports": len(reports),
+        "per_label": per_label,
+        "recall": tot["removed"] / tot["planted"] if tot["planted"] else None,
+        "precision": tot["hits"] / tot["predicted"] if tot["predicted"] else None,
+        "leaks": leaks,
+    }

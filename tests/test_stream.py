@@ -1,0 +1,320 @@
+"""The streaming pipeline: plan arithmetic, exclusions, equal batches per rank, exact resume,
+corrupt shards, a real DataLoader. Tiny arrays; ranks and workers are simulated by injecting
+rank/world size and patching ``get_worker_info`` (no processes, except one DataLoader test)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import foundation.data.stream as stream_mod
+from foundation.data.plan import (
+    batch_schedule,
+    cap_by_ratio,
+    plan_epoch,
+    remaining_after,
+    to_pieces,
+    total,
+)
+from foundation.data.stream import EpochLoader, ShardStream
+from foundation.data.transforms import train_transform
+from foundation.privacy.exclusion import ExclusionEntry, ExclusionList
+from foundation.sample import Sample, sample_key
+from foundation.shards.manifest import Manifest
+from foundation.shards.writer import ShardWriter
+
+N_PATIENTS = 10
+
+
+def _patient(i: int) -> str:
+    return f"{i:024x}"
+
+
+def build_dataset(root: Path, n3: int = 41, n2: int = 23, max_samples: int = 4) -> Path:
+    """Samples of N_PATIENTS patients, 3D (4,4,2) int16 and 2D (4,4) float16, small shards."""
+    rng = np.random.default_rng(0)
+    shard_dir = root / "shards"
+    with ShardWriter(shard_dir, max_samples=max_samples) as w:
+        for i in range(n3 + n2):
+            dims = 3 if i < n3 else 2
+            shape = (4, 4, 2) if dims == 3 else (4, 4)
+            image = (
+                rng.integers(-1000, 1000, shape).astype(np.int16)
+                if dims == 3
+                else rng.random(shape).astype(np.float16)
+            )
+            study = f"{i:08x}"
+            meta = {
+                "patient": _patient(i % N_PATIENTS),
+                "study": study,
+                "modality": "CT" if dims == 3 else "XR",
+                "dims": dims,
+                "spacing": [1.0] * dims,
+                "shape": list(shape),
+            }
+            w.write(Sample(sample_key(study, 0), image, meta, f"report {i}"))
+    records = w.close()
+    manifest = Manifest(dataset="tiny", key_id="k0", shards=records, shard_root="shards")
+    path = root / "tiny-v1.json"
+    manifest.save(path)
+    return path
+
+
+def save_exclusions(path: Path, patients: list[int]) -> Path:
+    entries = [ExclusionEntry(_patient(p), "opposition", "2024-01-01") for p in patients]
+    ExclusionList(entries).save(path)
+    return path
+
+
+def all_keys(manifest: Path, excluded: set[int]) -> dict[int, set[str]]:
+    """Expected keys per dims from the shards' records."""
+    m = Manifest.load(manifest)
+    from foundation.shards.reader import iter_samples
+
+    out: dict[int, set[str]] = {2: set(), 3: set()}
+    drop = {_patient(p) for p in excluded}
+    for s in iter_samples(m, decode_image=False):
+        if s.meta["patient"] not in drop:
+            out[s.meta["dims"]].add(s.key)
+    return out
+
+
+def run_rank(stream: ShardStream, limit: int | None = None, state=None) -> list[dict]:
+    """The batches a rank's DataLoader would yield: workers served round robin, simulated in
+    process by patching get_worker_info. Stops after ``limit`` batches (then records them)."""
+    nw = max(1, stream.num_workers)
+    if state is not None:
+        stream.load_state_dict(state)
+    stream.begin_epoch()
+    iters = []
+    for w in range(nw):
+        info = SimpleNamespace(id=w, num_workers=nw)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stream_mod, "get_worker_info", lambda info=info: info)
+            # materialise lazily: each worker's generator must see its own worker info
+            iters.append(_bound_iter(stream, info))
+    out: list[dict] = []
+    alive = list(range(nw))
+    start = stream._state.start_steps  # round robin resumes where the rank stopped
+    order = itertools.cycle(range(nw))
+    for _ in range(start % nw):
+        next(order)
+    while alive and (limit is None or len(out) < limit):
+        w = next(order)
+        if w not in alive:
+            continue
+        try:
+            out.append(next(iters[w]))
+        except StopIteration:
+            alive.remove(w)
+    stream.consumed(len(out))
+    return out
+
+
+def _bound_iter(stream: ShardStream, info):
+    """A generator that runs the stream's worker code with ``get_worker_info() == info``."""
+    gen = None
+    while True:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stream_mod, "get_worker_info", lambda: info)
+            if gen is None:
+                gen = iter(stream)
+            try:
+                item = next(gen)
+            except StopIteration:
+                return
+        yield item
+
+
+def make(manifest: Path, excl: Path | None, **kw) -> ShardStream:
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("seed", 7)
+    return ShardStream(manifest, excl, count_yielded=False, **kw)
+
+
+# ---- plan (pure) ---------------------------------------------------------------------------
+
+
+def test_plan_equal_spans_exact_cover_and_resume_intervals():
+    shards = [(f"s{i}", {"a": 3, "b": i % 3}) for i in range(5)]
+    plan = plan_epoch(
+        shards, frozenset({"b"}), seed=1, epoch=0, world_size=2, num_workers=3, batch_size=2
+    )
+    assert sum(n for _, n in plan.order) == 15
+    assert plan.batches_per_rank == 3 and plan.dropped == 15 - 12
+    covered = [i for r in plan.spans for w in r for a, b in w for i in range(a, b)]
+    assert sorted(covered) == list(range(12))  # each kept position once, the tail dropped
+    pieces = plan.pieces(1, 0)
+    assert sum(p.count for p in pieces) == 2 and all(p.count > 0 for p in pieces)
+    # worker j consumed its first batch: remaining excludes exactly those positions
+    left = remaining_after(plan, [2, 0, 0])
+    assert total(left) == 12 - 4
+    plan2 = plan_epoch(
+        shards, frozenset({"b"}), seed=1, epoch=0, world_size=3, num_workers=1, batch_size=2,
+        remaining=left,
+    )  # fmt: skip
+    again = [i for r in plan2.spans for w in r for a, b in w for i in range(a, b)]
+    assert not set(again) & {i for r in plan.spans for a, b in r[0][:1] for i in range(a, a + 2)}
+    assert to_pieces(plan.order, [(0, 15)])[0].first == 0
+
+
+def test_schedule_and_ratio():
+    assert cap_by_ratio(10, 100, 0.5) == (10, 10)
+    assert cap_by_ratio(10, 3, 0.5) == (3, 3)
+    assert cap_by_ratio(10, 3, None) == (10, 3)
+    s = batch_schedule(4, 6, seed=0, epoch=1)
+    assert Counter(s) == {2: 4, 3: 6} and s == batch_schedule(4, 6, seed=0, epoch=1)
+
+
+# ---- the stream ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("ds"))
+
+
+def epoch_keys(manifest, excl, world=2, workers=3, epoch=0, **kw):
+    per_rank = []
+    for r in range(world):
+        s = make(manifest, excl, rank=r, world_size=world, num_workers=workers, **kw)
+        s.set_epoch(epoch)
+        per_rank.append(run_rank(s))
+    return per_rank
+
+
+def test_one_epoch_two_ranks_three_workers(dataset, tmp_path):
+    excl = save_exclusions(tmp_path / "excl.json", [3, 7])
+    per_rank = epoch_keys(dataset, excl)
+    assert len(per_rank[0]) == len(per_rank[1]) > 0  # same number of batches on every rank
+    expected = all_keys(dataset, {3, 7})
+    for d in (2, 3):
+        got = [k for rank in per_rank for b in rank if b["image"].ndim == d + 2 for k in b["key"]]
+        assert len(got) == len(set(got))  # each once
+        assert set(got) <= expected[d]
+        # only the documented remainder (< world_size x batch) is left out
+        assert 0 <= len(expected[d]) - len(got) < 2 * 2
+    for rank in per_rank:
+        for b in rank:
+            assert b["image"].dtype == torch.float32 and len(set(b["image"].shape[2:])) >= 1
+            assert b["modality"].dtype == torch.int64
+            assert not {_patient(3), _patient(7)} & set(b["patient"])
+
+
+def test_exclusion_change_between_epochs_and_after_resume(dataset, tmp_path):
+    excl = save_exclusions(tmp_path / "excl.json", [1])
+    s = make(dataset, excl, rank=0, world_size=1, num_workers=2)
+    first = run_rank(s, limit=3)
+    state = s.state_dict()
+    save_exclusions(excl, [1, 2, 5])  # opt-outs arrive while the job is down
+    s2 = make(dataset, excl, rank=0, world_size=1, num_workers=2)
+    rest = run_rank(s2, state=state)
+    nxt = run_rank(s2)  # next epoch
+    assert s2.epoch == 1
+    for b in rest + nxt:
+        assert not {_patient(1), _patient(2), _patient(5)} & set(b["patient"])
+    assert not {_patient(1)} & {p for b in first for p in b["patient"]}
+
+
+@pytest.mark.parametrize("workers_after", [3, 1])
+def test_resume_equals_uninterrupted(dataset, tmp_path, workers_after):
+    excl = save_exclusions(tmp_path / "excl.json", [4])
+    full = run_rank(make(dataset, excl, rank=0, world_size=1, num_workers=3))
+    s = make(dataset, excl, rank=0, world_size=1, num_workers=3)
+    head = run_rank(s, limit=5)
+    state = s.state_dict()
+    s2 = make(dataset, excl, rank=0, world_size=1, num_workers=workers_after)
+    tail = run_rank(s2, state=state)
+    keys = lambda bs: [k for b in bs for k in b["key"]]  # noqa: E731
+    assert keys(head) == keys(full[:5])
+    if workers_after == 3:  # same layout: exactly the uninterrupted run's rest
+        assert keys(tail) == keys(full[5:])
+        for a, b in zip(tail, full[5:], strict=True):
+            assert torch.equal(a["image"], b["image"])
+    else:  # another layout: nothing repeated, nothing lost beyond the remainder
+        got = keys(head) + keys(tail)
+        assert len(got) == len(set(got))
+        assert 0 <= len(set(keys(full))) - len(got) < 2 * 2 * 3
+
+
+def test_resume_with_other_world_size(dataset, tmp_path):
+    excl = save_exclusions(tmp_path / "excl.json", [])
+    ranks = [make(dataset, excl, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    heads = [run_rank(s, limit=3) for s in ranks]
+    state = ranks[0].state_dict()
+    s = make(dataset, excl, rank=0, world_size=1, num_workers=1)
+    tail = run_rank(s, state=state)
+    got = [k for bs in [*heads, tail] for b in bs for k in b["key"]]
+    expected = all_keys(dataset, set())
+    assert len(got) == len(set(got))
+    assert set(got) <= expected[2] | expected[3]
+    assert len(expected[2] | expected[3]) - len(got) < 2 * 2 * 2 * 2
+
+
+def test_ratio_and_crops_per_volume(dataset):
+    s = make(
+        dataset, None, rank=0, world_size=1, ratio_3d=0.5, batch_size=4, crops_per_volume=2,
+        transform_3d=train_transform(3, (4, 4, 2), crops_per_volume=2),
+        transform_2d=train_transform(2, (4, 4)),
+    )  # fmt: skip
+    batches = run_rank(s)
+    dims = Counter(b["image"].ndim - 2 for b in batches)
+    assert dims[2] == dims[3] > 0
+    for b in batches:
+        if b["image"].ndim == 5:  # 3D: 2 volumes x 2 crops
+            assert len(set(b["key"])) == 2 and len(b["key"]) == 4
+        assert b["image"].min() >= 0 and b["image"].max() <= 1  # windowed CT, XR in [0, 1]
+
+
+def test_tokenize_is_applied(dataset):
+    def tokenize(texts):
+        ids = [[len(t), 1, 0] for t in texts]
+        return {"input_ids": ids, "attention_mask": [[1, 1, 0]] * len(texts)}
+
+    b = next(iter(make(dataset, None, rank=0, world_size=1, tokenize=tokenize)))
+    assert b["input_ids"].shape == (2, 3) and b["input_ids"].dtype == torch.int64
+    assert "input_ids" not in next(iter(make(dataset, None, rank=0, world_size=1)))
+
+
+def test_corrupt_shard_skipped_counted_or_raised(tmp_path):
+    manifest = build_dataset(tmp_path, n3=12, n2=0, max_samples=4)
+    m = Manifest.load(manifest)
+    victim = m.shard_paths()[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    s = make(manifest, None, rank=0, world_size=1)
+    batches = run_rank(s)
+    assert len(batches) == 12 // 2  # the planned count still comes out (padded)
+    assert s.stats["corrupt"] == 1 and s.stats["padded"] > 0
+    with pytest.raises(Exception, match=victim.name):
+        run_rank(make(manifest, None, rank=0, world_size=1, on_error="raise"))
+
+
+def test_missing_shard_and_revoked_manifest(tmp_path):
+    manifest = build_dataset(tmp_path, n3=4, n2=0)
+    m = Manifest.load(manifest)
+    m.revoked_by = 2
+    m.save(tmp_path / "revoked.json")
+    with pytest.raises(ValueError, match="use version 2"):
+        make(tmp_path / "revoked.json", None)
+    m.shard_paths()[0].unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        make(manifest, None)
+
+
+def test_real_dataloader_two_workers(dataset, tmp_path):
+    excl = save_exclusions(tmp_path / "excl.json", [0])
+    s = make(dataset, excl, rank=0, world_size=1, num_workers=2)
+    loader = EpochLoader(s, num_workers=2)
+    keys = [k for b in loader for k in b["key"]]
+    expected = all_keys(dataset, {0})
+    assert len(keys) == len(set(keys)) and set(keys) <= expected[2] | expected[3]
+    assert len(expected[2] | expected[3]) - len(keys) < 2 * 2
+    assert s.epoch == 0
+    list(loader)
+    assert s.epoch == 1  # the next pass started the next epoch
