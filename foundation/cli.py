@@ -167,6 +167,158 @@ def _run_shards_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenizer", help="the report tokenizer")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a tokenizer on the scrubbed reports of a dataset")
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--out", required=True, help="folder (Hugging Face format)")
+    t.add_argument("--vocab-size", type=int, default=8000)
+    t.add_argument("--kind", choices=("wordpiece", "bpe"), default="wordpiece")
+    t.add_argument("--exclusion-list", default=None, help="leave these patients' reports out")
+    t.set_defaults(handler=_run_tokenizer_train)
+
+
+def _run_tokenizer_train(args: argparse.Namespace) -> int:
+    from foundation.data.report_corpus import train_tokenizer_from_manifest
+
+    n = train_tokenizer_from_manifest(
+        args.manifest, args.out, vocab_size=args.vocab_size, kind=args.kind,
+        exclusion_list=args.exclusion_list,
+    )
+    print(f"tokenizer trained on {n} reports, saved to {args.out}")
+    return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain (LightningCLI): --config configs/pretrain/tiny.yaml [--section.key=value]",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from foundation.training.launch import main as pretrain_main
+
+    return pretrain_main(args.args)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune / probe biomarker heads from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set data.manifest=path (repeatable)")
+    _add_key_option(p)
+    p.set_defaults(handler=_run_finetune)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        dotted, value = pair.split("=", 1)
+        node = out
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from foundation.privacy.pseudonym import MissingKeyError, load_key
+    from foundation.progress import print_summary
+    from foundation.training.finetune import run_finetune
+
+    config = _merge(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {},
+                    _overrides(args.set))
+    try:
+        key = load_key(args.key_file)
+    except MissingKeyError:
+        key = None  # label tables keyed by study pseudonym need no key
+    result = run_finetune(config, key)
+    rows = []
+    for name, task in result.get("tasks", {}).items():
+        m = task["metrics"][task["metric"]]
+        ci = m.get("ci")
+        rows.append((name, task["metric"], f"{m['value']:.4f}",
+                     f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"))
+    print_summary("finetune (test split)", rows, columns=("task", "metric", "value", "95% CI"))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot retrieval + probe suite, vs random init")
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (.ckpt)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--labels", default=None, help="label table for the probe suite")
+    p.add_argument("--task", action="append", default=[], help="finetune config (repeatable)")
+    p.add_argument("--exclusion-list", default=None)
+    p.add_argument("--out", required=True)
+    _add_key_option(p)
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from foundation.evaluation.zero_shot import retrieval_vs_random
+    from foundation.progress import print_summary
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    retrieval = retrieval_vs_random(
+        args.checkpoint, args.manifest, args.tokenizer, exclusion_list=args.exclusion_list
+    )
+    (out / "retrieval.json").write_text(json.dumps(retrieval, indent=2) + "\n", encoding="utf-8")
+    rows = [(k, f"{retrieval['pretrained'][k]:.3f}", f"{retrieval['random_init'][k]:.3f}")
+            for k in retrieval["pretrained"] if k.startswith(("i2t", "t2i", "chance"))]
+    print_summary("zero-shot retrieval (held-out patients)", rows,
+                  columns=("recall", "pretrained", "random init"))
+    if args.labels and args.task:
+        from foundation.evaluation.probe import run_probe_suite
+        from foundation.privacy.pseudonym import load_key
+
+        run_probe_suite(args.checkpoint, args.manifest, args.labels, args.task,
+                        load_key(args.key_file), out / "probes")
+        print(f"probe suite written to {out / 'probes' / 'results.md'}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export encoders as safetensors + JSON config")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (exports the text tower)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from foundation.models.export import export_encoder
+
+    out = export_encoder(args.checkpoint, args.out, tokenizer_dir=args.tokenizer)
+    print(f"exported to {out} (load with foundation.models.export.load_encoder)")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run every stage end to end on a fresh synthetic cohort")
     p.add_argument("--out", default=None, help="keep everything in this folder (default: temp)")
@@ -188,6 +340,11 @@ BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_ingest,
     _add_optout,
     _add_shards,
+    _add_tokenizer,
+    _add_pretrain,
+    _add_finetune,
+    _add_evaluate,
+    _add_export,
     _add_demo,
 ]
 

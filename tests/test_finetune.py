@@ -259,8 +259,16 @@ def test_run_finetune_writes_no_raw_identifier(
     assert SECRET not in b"".join(d for _, d in written)
 
 
+def test_labels_hashed_under_another_key_are_refused(
+    cohort: dict, checkpoint: Path, tmp_path: Path
+) -> None:
+    cfg = _config(cohort, checkpoint, tmp_path / "other")
+    with pytest.raises(ValueError, match="another pseudonymisation key"):
+        run_finetune(cfg, PseudonymKey(b"another-key-of-the-right-length"))
+
+
 def test_split_keeps_patients_on_one_side(cohort: dict, checkpoint: Path, tmp_path: Path) -> None:
-    """CT + XR studies of one patient in a patient-keyed table stay together."""
+    """k-fold: each patient is in the test fold once; the folds share one encoder pass."""
     cfg = _config(cohort, checkpoint, tmp_path / "kf")
     cfg["labels"] = {"path": str(cohort["labels"]), "key_column": "accession_number"}
     tests = set()

@@ -284,11 +284,12 @@ class ShardStream(IterableDataset):
         self._state.started = True
 
     def __len__(self) -> int:
-        """Batches per rank in the prepared epoch (prepares epoch ``self.epoch`` if needed)."""
+        """Batches per rank in the whole prepared epoch, counting those consumed before a
+        resume (as Lightning counts: it restores its own position within the epoch)."""
         if self._state is None:
             self._prepare(self.epoch)
         assert self._state is not None
-        return len(self._state.schedule) - self._state.start_steps
+        return len(self._state.schedule)
 
     # ---- resume ---------------------------------------------------------------------------
 

@@ -163,7 +163,7 @@ def preprocess(volume: Volume, config: PreprocessConfig | None = None) -> tuple[
         "source_modality": volume.modality,
         "source_format": volume.source_format,
         "dims": out.ndim,
-        "spacing": [round(s, 4) for s in spacing],
+        "spacing": [round(s, 6) for s in spacing],
         "shape": list(out.shape),
         "orientation": orientation,
         "preprocessing": {"version": PREPROCESS_VERSION, "policy": policy},

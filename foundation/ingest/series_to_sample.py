@@ -71,8 +71,8 @@ def process_series(task: SeriesTask, ctx: WorkerContext) -> Sample | Skip:
         key = _key(ctx)
         try:
             meta = pseudonymised_meta(volume.header, key)
-        except DeidError:
-            return Skip(reason="no_patient_id", path=task.source, detail="no usable PatientID")
+        except DeidError as err:  # no PatientID / StudyInstanceUID: cannot be pseudonymised
+            return Skip(reason=err.reason, path=task.source, detail="cannot pseudonymise")
         array, image_meta = preprocess(volume, ctx.preprocess)
         meta.update(image_meta)
         meta["series_index"] = task.series_index

@@ -174,9 +174,13 @@ def calcium_score(a: Anatomy) -> float:
     return round(float(total), 1)
 
 
-def _inside_ellipsoid(p: np.ndarray, centre, semi) -> np.ndarray:
-    d = (p - np.asarray(centre, dtype=np.float32)) / np.asarray(semi, dtype=np.float32)
-    return np.einsum("...i,...i->...", d, d) <= 1.0
+def _ellipsoid(xyz: tuple[np.ndarray, ...], centre, semi) -> np.ndarray:
+    """Flat indices of the points inside an axis-aligned ellipsoid (z band tested first)."""
+    x, y, z = xyz
+    (cx, cy, cz), (sx, sy, sz) = centre, semi
+    cand = np.flatnonzero(np.abs(z - cz) <= sz)  # cheap pre-filter: most points fail here
+    d = ((x[cand] - cx) / sx) ** 2 + ((y[cand] - cy) / sy) ** 2 + ((z[cand] - cz) / sz) ** 2
+    return cand[d <= 1.0]
 
 
 def tissue_labels(
@@ -188,10 +192,11 @@ def tissue_labels(
     radius with its density diluted by the volume ratio (partial volume), so every planted
     calcification leaves a trace above 130 HU whatever the grid.
     """
-    p = p.astype(np.float32, copy=False)
-    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    shape = p.shape[:-1]
+    xyz = tuple(np.ascontiguousarray(p[..., i], dtype=np.float32).ravel() for i in range(3))
+    x, y, z = xyz
     (ba, bb), f = a.body_semi, a.fat
-    lab = np.zeros(p.shape[:-1], dtype=np.uint8)
+    lab = np.zeros(x.shape, dtype=np.uint8)
     # Above the lung apices the body narrows to the neck (over 30 mm, to 40 % of its width).
     neck_z = a.lung_z + a.lung_semi_yz[1] - 5.0
     s = np.clip(1.0 - (z - neck_z) / 30.0 * 0.6, 0.4, 1.0)
@@ -201,21 +206,21 @@ def tissue_labels(
     ribs = (inner > 0.82) & (inner <= 0.9) & (np.mod(z + 200.0, 32.0) < 11.0) & (z < neck_z)
     lab[ribs] = BONE
     for centre in a.lung_centres:
-        lab[_inside_ellipsoid(p, centre, (a.lung_semi_x, *a.lung_semi_yz))] = LUNG
-    lab[_inside_ellipsoid(p, a.heart_centre, a.heart_semi)] = MYOCARDIUM
-    lab[_inside_ellipsoid(p, a.heart_centre, tuple(0.7 * s for s in a.heart_semi))] = BLOOD
+        lab[_ellipsoid(xyz, centre, (a.lung_semi_x, *a.lung_semi_yz))] = LUNG
+    lab[_ellipsoid(xyz, a.heart_centre, a.heart_semi)] = MYOCARDIUM
+    lab[_ellipsoid(xyz, a.heart_centre, tuple(0.7 * s for s in a.heart_semi))] = BLOOD
     lab[(x**2 + (y - a.spine_y) ** 2 <= a.spine_radius**2) & (lab != AIR)] = BONE
     for n in a.nodules:
-        lab[_inside_ellipsoid(p, n.centre, (n.radius,) * 3)] = NODULE
+        lab[_ellipsoid(xyz, n.centre, (n.radius,) * 3)] = NODULE
     hu = np.zeros(lab.shape, dtype=np.float32)
     if calcium:
         for c in a.calcifications:
             r = max(c.radius, min_radius)
             value = CALCIUM_MIN_HU + 10 + (c.hu - CALCIUM_MIN_HU) * (c.radius / r) ** 3
-            mask = _inside_ellipsoid(p, c.centre, (r, r, r))
-            lab[mask] = CALCIUM
-            hu[mask] = np.maximum(hu[mask], value)
-    return lab, hu
+            idx = _ellipsoid(xyz, c.centre, (r, r, r))
+            lab[idx] = CALCIUM
+            hu[idx] = np.maximum(hu[idx], value)
+    return lab.reshape(shape), hu.reshape(shape)
 
 
 def render_ct(a: Anatomy, points: np.ndarray, voxel: tuple[float, ...], rng) -> np.ndarray:
@@ -237,7 +242,7 @@ def render_mr(a: Anatomy, points: np.ndarray, rng) -> np.ndarray:
     return np.clip(sig * 2500, 0, 4095).astype(np.uint16)
 
 
-def render_projection(a: Anatomy, x: np.ndarray, z: np.ndarray, depth: int = 40) -> np.ndarray:
+def render_projection(a: Anatomy, x: np.ndarray, z: np.ndarray, depth: int = 32) -> np.ndarray:
     """Frontal radiograph (rows = z, cols = x), values in [0, 1]: the scaled line integral.
 
     Attenuation per mm is proportional to HU + 1000 (water 0.02 /mm); the beam runs along y.

@@ -143,17 +143,19 @@ class StudyWriter:
             truth.update(syntax=None, paths=[self._rel(nii)], sidecar=self._rel(js))
             return truth
         paths, syntax = [], fmt
+        # One dataset per series, updated per slice: building 60 elements per file is slow.
+        ds = base_dataset(self.study, series, "", 1)
+        ds.ImageType = image_type
+        if series.modality == "CT":
+            ds.PatientPosition = stack.patient_position
+        if rescale is not None:
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = rescale[0], 1, "HU"
+            ds.WindowCenter, ds.WindowWidth = 40, 400
         for k in range(len(planes)):
-            sop = self.uid("sop", series.uid, k)
-            self.planted.append(sop)
-            ds = base_dataset(self.study, series, sop, k + 1)
-            ds.ImageType = image_type
-            if series.modality == "CT":
-                ds.PatientPosition = stack.patient_position
+            ds.SOPInstanceUID = self.uid("sop", series.uid, k)
+            ds.InstanceNumber = k + 1
+            self.planted.append(ds.SOPInstanceUID)
             set_plane(ds, stack, k)
-            if rescale is not None:
-                ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = rescale[0], 1, "HU"
-                ds.WindowCenter, ds.WindowWidth = 40, 400
             stored = planes[k] if rescale is None else (planes[k] - rescale[0]).astype(dtype)
             set_pixels(ds, stored, bits)
             path = self.layout.dicom_path(self.study.uid, series.uid)

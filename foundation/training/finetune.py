@@ -390,12 +390,17 @@ def load_encoder_for(cfg: FinetuneConfig) -> LoadedEncoder:
     return load_vision_encoder(None, vision, seed=cfg.train.seed)
 
 
-def labels_for(cfg: FinetuneConfig, key: PseudonymKey | None) -> LabelTable:
+def labels_for(
+    cfg: FinetuneConfig, key: PseudonymKey | None, manifest: dict[str, Any]
+) -> LabelTable:
+    """The label table; raw identifiers are hashed with the key the data was built under."""
     columns = sorted({c for t in cfg.tasks for c in t.label_columns})
     lab = cfg.labels
     raw = lab.namespace is not None or lab.key_column in ("accession_number", "patient_id")
     if raw and key is None:
         key = load_key(lab.key_file)
+    if raw and manifest.get("key_id") and manifest["key_id"] != key.key_id:  # type: ignore[union-attr]
+        raise ValueError(f"{cfg.data.manifest}: data built under another pseudonymisation key")
     return load_label_table(
         lab.path, lab.key_column, columns, key, join_on=lab.join_on, namespace=lab.namespace
     )
@@ -426,9 +431,7 @@ def run_finetune(
     manifest = read_manifest(cfg.data.manifest)
     loaded = load_encoder_for(cfg)
     check_preprocessing(loaded.lineage, manifest, cfg.data.manifest)
-    table = labels_for(cfg, key)
-    if key is not None and manifest.get("key_id") and manifest["key_id"] != key.key_id:
-        raise ValueError(f"{cfg.data.manifest}: data built under another pseudonymisation key")
+    table = labels_for(cfg, key, manifest)
     samples = (
         samples
         if samples is not None
