@@ -362,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `foundation` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pretrain"] and not {"-h", "--help"} & set(argv[1:2]):
+        # LightningCLI parses its own arguments (--config, --trainer.*, --model.*, --data.*)
+        from foundation.training.launch import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     return handler(args)

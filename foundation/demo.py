@@ -151,6 +151,8 @@ class Demo:
             f"--model.max_steps={steps}",
             f"--trainer.default_root_dir={run_dir}",
             f"--seed_everything={self.seed}",
+            f"--data.batch_size={4 if self.quick else 8}",
+            "--trainer.log_every_n_steps=5",
         ]
         self.checkpoint, info = run_pretrain(_config("pretrain/tiny.yaml"), overrides)
         return {"steps": info["steps"], "checkpoint": str(self.checkpoint), **info.get("extra", {})}
@@ -176,17 +178,28 @@ class Demo:
             **{f"{k}_random_init": v for k, v in rnd.items() if k.startswith(("i2t", "t2i"))},
         }
 
+    def probe_tasks(self) -> list[dict[str, Any]]:
+        """The shipped biomarker configs, probed at the pretraining crop size of their dims."""
+        import yaml
+
+        data = yaml.safe_load(_config("pretrain/tiny.yaml").read_text(encoding="utf-8"))["data"]
+        tasks = []
+        for name in ("calcium_score", "cardiothoracic_ratio", "cardiomegaly"):
+            cfg = yaml.safe_load(_config(f"finetune/{name}.yaml").read_text(encoding="utf-8"))
+            dims = int(cfg["data"].get("dims") or 3)
+            cfg["data"]["image_size"] = list(data[f"crop_size_{dims}d"])
+            tasks.append(cfg)
+        return tasks
+
     def finetune(self) -> dict[str, Any]:
         from foundation.evaluation.probe import run_probe_suite
         from foundation.privacy.pseudonym import load_key
 
-        tasks = [_config(f"finetune/{t}.yaml") for t in
-                 ("calcium_score", "cardiothoracic_ratio", "cardiomegaly")]
         summary = run_probe_suite(
             self.checkpoint,
             self.manifest,
             self.cohort.labels_csv,
-            tasks,
+            self.probe_tasks(),
             load_key(self.key_file),
             self.out / "finetune",
             n_bootstrap=200 if self.quick else 1000,

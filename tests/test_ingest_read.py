@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from foundation.ingest.dicom import decode_pixels, load_series, read_dataset
 from foundation.ingest.discover import SeriesRef, find_dicom_files, scan_series
 from foundation.ingest.nifti import find_nifti_files, load_nifti
 from foundation.ingest.preprocess import PreprocessConfig, preprocess
-from foundation.ingest.skip import SkipPolicy
+from foundation.ingest.skip import SkipPolicy, quiet_reading
 from foundation.ingest.volume import Skip, Volume
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -221,6 +222,11 @@ def test_too_few_slices_and_single_slice_policy(tmp_path: Path) -> None:
     assert v.spacing == pytest.approx((0.5, 0.7))
     out = _load_one(one, SkipPolicy(single_slice="skip"))
     assert isinstance(out, Skip) and out.reason == "too_few_slices"
+    policy = SkipPolicy.from_dict({"min_slices": 2, "xray_modalities": ["CR"]})
+    assert policy.to_dict()["xray_modalities"] == ["CR"]
+    assert isinstance(_load_one(two, policy), Volume)
+    with pytest.raises(ValueError):
+        SkipPolicy.from_dict({"single_slice": "3d"})
 
 
 def test_enhanced_multiframe_matches_single_frame_series(tmp_path: Path) -> None:
@@ -360,14 +366,13 @@ def test_transfer_syntaxes_decode_or_skip_with_reason(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- skip policy
 def test_header_skips(tmp_path: Path) -> None:
-    base = dict(study=None, series=None)
     cases = {
         "localizer": {"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]},
         "burned_in_annotation": {"BurnedInAnnotation": "YES"},
     }
     for reason, attrs in cases.items():
         paths = write_series(
-            tmp_path / reason, np.zeros((3, 4, 4)), AXIAL, (0, 0, 0), (1, 1), **base, **attrs
+            tmp_path / reason, np.zeros((3, 4, 4)), AXIAL, (0, 0, 0), (1, 1), **attrs
         )
         refs, skips = scan_series(paths)
         assert not refs and {s.reason for s in skips} == {reason}
@@ -418,6 +423,10 @@ def test_find_dicom_files_by_content(tmp_path: Path) -> None:
     assert found == ["IM0001", "sub/raw.bin"]
     refs, skips = scan_series(find_dicom_files(tmp_path))
     assert len(refs) == 1 and [s.reason for s in skips] == ["duplicate_instance"]
+    # the bare data set (encoding found by the parser) decodes like the original file
+    raw_volume = _load_one([tmp_path / "sub" / "raw.bin"])
+    assert isinstance(raw_volume, Volume)
+    np.testing.assert_array_equal(raw_volume.array, load_series(refs[0]).array)
 
 
 # ----------------------------------------------------------------------------- NIfTI
@@ -457,15 +466,18 @@ def test_every_pydicom_testdata_file_is_ingested_or_skipped(tmp_path: Path) -> N
     for i, src in enumerate(sources):  # flat, unique names; symlinks keep it cheap
         (tmp_path / f"{i:03d}_{src.name}").symlink_to(src)
     outcome: dict[Path, str] = {p: "not_dicom" for p in tmp_path.iterdir()}
-    found = list(find_dicom_files(tmp_path))
-    refs, skips = scan_series(found)
+    with warnings.catch_warnings(record=True) as caught:  # pydicom warnings quote values
+        warnings.simplefilter("always")
+        found = list(find_dicom_files(tmp_path))
+        refs, skips = scan_series(found)
+        results = [load_series(ref) for ref in refs]
+    assert not [w for w in caught if "pydicom" in w.filename]
     for skip in skips:
         outcome[skip.path] = f"skip: {skip.reason}"
     config = PreprocessConfig(
         ct_spacing=(3.0, 3.0, 3.0), mr_spacing=(3.0, 3.0, 3.0), longest_side_2d=128
     )
-    for ref in refs:
-        result = load_series(ref)
+    for ref, result in zip(refs, results, strict=True):
         if isinstance(result, Skip):
             skips.append(result)
             label = f"skip: {result.reason}"
@@ -479,7 +491,8 @@ def test_every_pydicom_testdata_file_is_ingested_or_skipped(tmp_path: Path) -> N
     # no skip detail repeats an identifying header value
     for skip in skips:
         try:
-            ds = pydicom.dcmread(skip.path, stop_before_pixels=True, force=True)
+            with quiet_reading():
+                ds = pydicom.dcmread(skip.path, stop_before_pixels=True, force=True)
         except Exception:
             continue
         for keyword in IDENTIFYING:

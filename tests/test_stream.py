@@ -101,10 +101,7 @@ def run_rank(stream: ShardStream, limit: int | None = None, state=None) -> list[
             iters.append(_bound_iter(stream, info))
     out: list[dict] = []
     alive = list(range(nw))
-    start = stream._state.start_steps  # round robin resumes where the rank stopped
-    order = itertools.cycle(range(nw))
-    for _ in range(start % nw):
-        next(order)
+    order = itertools.cycle(range(nw))  # as torch's DataLoader: worker 0 first, every pass
     while alive and (limit is None or len(out) < limit):
         w = next(order)
         if w not in alive:
@@ -318,3 +315,82 @@ def test_real_dataloader_two_workers(dataset, tmp_path):
     assert s.epoch == 0
     list(loader)
     assert s.epoch == 1  # the next pass started the next epoch
+
+
+# ---- the data module ----------------------------------------------------------------------
+
+
+def test_datamodule_refuses_mixed_specs_and_revoked(tmp_path):
+    from foundation.data.datamodule import ShardDataModule
+    from foundation.shards.manifest import ManifestError
+
+    a = build_dataset(tmp_path / "a", n3=4, n2=0)
+    b_path = build_dataset(tmp_path / "b", n3=4, n2=0)
+    b = Manifest.load(b_path)
+    b.preprocessing = {"version": "other"}
+    b.save(b_path)
+    with pytest.raises(ManifestError, match="preprocessing"):
+        _ = ShardDataModule([str(a), str(b_path)]).manifest
+    b.preprocessing = {}
+    b.revoked_by = 3
+    b.save(b_path)
+    with pytest.raises(ManifestError, match="use version 3"):
+        _ = ShardDataModule(str(b_path)).preprocessing
+    b.revoked_by = None
+    b.save(b_path)
+    dm = ShardDataModule([str(a), str(b_path)], batch_size=2, num_workers=0, val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.preprocessing == {} and len(dm.manifest.shards) == 2
+    assert len(dm.train_stream) == 4  # 8 3D volumes from both manifests, batches of 2
+
+
+@pytest.mark.slow
+def test_lightning_checkpoint_resume_is_exact(tmp_path):
+    """Killed mid-epoch (2 DataLoader workers), resumed from the Lightning checkpoint: the
+    batches trained on equal the uninterrupted run's."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from foundation.data.datamodule import ShardDataModule
+
+    ds = build_dataset(tmp_path, n3=30, n2=20)
+
+    class Model(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+            self.seen: list[tuple[str, ...]] = []
+
+        def training_step(self, batch, i):
+            self.seen.append(tuple(batch["key"]))
+            return self.lin(batch["image"].mean().view(1, 1)).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), 0.1)
+
+    class Stop(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 33:
+                raise SystemError("preempted")
+
+    def dm():
+        return ShardDataModule(
+            str(ds), batch_size=2, num_workers=2, crop_size_3d=(4, 4, 2), crop_size_2d=(4, 4),
+            val_fraction=0.0, pin_memory=False,
+        )  # fmt: skip
+
+    kw = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    kw |= dict(accelerator="cpu", max_epochs=2)
+    full = Model()
+    L.Trainer(enable_checkpointing=False, **kw).fit(full, datamodule=dm())
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=30, save_top_k=-1, filename="c")
+    first = Model()
+    with pytest.raises(SystemError):
+        L.Trainer(default_root_dir=tmp_path, callbacks=[ckpt, Stop()], **kw).fit(
+            first, datamodule=dm()
+        )
+    rest = Model()
+    L.Trainer(enable_checkpointing=False, **kw).fit(
+        rest, datamodule=dm(), ckpt_path=tmp_path / "c.ckpt"
+    )
+    assert len(full.seen) > 30 and full.seen == first.seen[:30] + rest.seen

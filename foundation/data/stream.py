@@ -194,10 +194,35 @@ class ShardStream(IterableDataset):
         }
 
     def _load_drop(self) -> tuple[frozenset[str], str | None]:
+        """Excluded patients (plus the other split's). Under DDP every rank must plan with the
+        same list or batch counts differ and the job hangs: ranks compare versions and reload
+        (the list file is replaced atomically) until they agree."""
         if self.exclusion is None:
             return self._split_drop, None
-        lst = self.exclusion_loader(self.exclusion)
-        return frozenset(lst.pseudonyms) | self._split_drop, lst.version
+        dist = torch.distributed
+        ddp = (
+            self.world_size is None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
+        for _ in range(5):
+            lst = self.exclusion_loader(self.exclusion)
+            if not ddp:
+                break
+            versions: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(versions, lst.version)
+            if len(set(versions)) == 1:
+                break
+        else:
+            raise RuntimeError(f"{self.exclusion}: ranks keep reading different versions")
+        key_id = getattr(lst, "key_id", None)
+        if key_id and self.manifest.key_id and key_id != self.manifest.key_id:
+            raise ValueError(
+                f"{self.exclusion}: made under another pseudonymisation key than the manifest"
+            )
+        opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
+        return (opted_out | self._split_drop if self._split_drop else opted_out), lst.version
 
     def _plans(
         self, epoch: int, drop: frozenset[str], lay: dict[str, Any], base: dict[int, Any]
@@ -259,7 +284,9 @@ class ShardStream(IterableDataset):
         plans, schedule = self._plans(epoch, drop, lay, base)
         self._state = _Epoch(epoch, plans, schedule, steps, lay, base, drop, version)
         self.epoch, self._steps = epoch, steps
-        excluded = sum(r.samples - r.kept(drop - self._split_drop) for r in self.manifest.shards)
+        excluded = sum(r.samples - r.kept(drop) for r in self.manifest.shards) - sum(
+            r.samples - r.kept(self._split_drop) for r in self.manifest.shards
+        )
         left = sum(p.dropped for p in plans.values() if p is not None)
         log.info(
             "epoch %d: %d steps per rank, exclusion list %s drops %d samples, remainder %d",
@@ -474,8 +501,12 @@ class ShardStream(IterableDataset):
                 " pass num_workers to ShardStream (or use EpochLoader)"
             )
         rank = st.layout["rank"]
-        mine = st.schedule[worker::nw]  # this worker serves steps worker, worker + nw, ...
-        done = worker_dims_counts(st.schedule, nw, st.start_steps)[worker]
+        # The DataLoader hands the k-th batch of this pass to worker k % nw. A resumed pass
+        # starts at step start_steps, so this worker plays the role of the uninterrupted
+        # run's worker (worker + start_steps) % nw: it serves steps role, role + nw, ...
+        role = (worker + st.start_steps) % nw
+        mine = st.schedule[role::nw]
+        done = worker_dims_counts(st.schedule, nw, st.start_steps)[role]
         crops: dict[int, Iterator[list[dict]]] = {}
         for d, plan in st.plans.items():
             if plan is None:
@@ -483,10 +514,10 @@ class ShardStream(IterableDataset):
             vols = st.layout[f"volumes_{d}d"]
             perm = self._block_permutation(st.epoch, d, st.base[d])
             samples = self._shuffled(
-                plan.pieces(rank, worker),
+                plan.pieces(rank, role),
                 done[d] * vols,
                 st.drop,
-                lambda b, m, perm=perm, w=worker: perm(rank, w, b, m),
+                lambda b, m, perm=perm: perm(rank, role, b, m),
             )
             crops[d] = self._augment(samples, d, st.epoch)
         first = sum(done.values())

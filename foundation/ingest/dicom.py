@@ -36,6 +36,7 @@ from foundation.ingest.skip import (
     Skip,
     SkipPolicy,
     error_detail,
+    quiet_reading,
 )
 from foundation.ingest.volume import Volume
 
@@ -64,11 +65,12 @@ class _Plane:
 def load_series(ref: SeriesRef, policy: SkipPolicy = DEFAULT_POLICY) -> Volume | Skip:
     """Read one series found by ``scan_series``; returns a ``Skip`` instead of raising."""
     try:
-        if ref.kind == "image":
-            return _load_radiograph(ref)
-        if ref.kind == "enhanced":
-            return _load_enhanced(ref, policy)
-        return _load_slices(ref, policy)
+        with quiet_reading():  # pydicom warnings may quote header values
+            if ref.kind == "image":
+                return _load_radiograph(ref)
+            if ref.kind == "enhanced":
+                return _load_enhanced(ref, policy)
+            return _load_slices(ref, policy)
     except SkipSeries as skip:
         return skip.skip
     except Exception as exc:  # a long ingest never stops on one bad file
@@ -78,7 +80,8 @@ def load_series(ref: SeriesRef, policy: SkipPolicy = DEFAULT_POLICY) -> Volume |
 def read_dataset(path: Path) -> pydicom.Dataset:
     """Full read of one file, with a transfer syntax set when the file meta lacks one."""
     try:
-        ds = pydicom.dcmread(path, force=True)
+        with quiet_reading():
+            ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
         raise SkipSeries(UNREADABLE, path, error_detail("reading the file", exc)) from exc
     if not any(k in ds for k in _PIXEL_KEYWORDS):
@@ -106,7 +109,8 @@ def decode_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     if not decoder.is_available:
         raise SkipSeries(UNSUPPORTED_TRANSFER_SYNTAX, path, f"no plugin installed for {shown}")
     try:
-        return ds.pixel_array
+        with quiet_reading():
+            return ds.pixel_array
     except Exception as exc:
         raise SkipSeries(UNREADABLE, path, error_detail(f"decoding {shown}", exc)) from exc
 
@@ -151,12 +155,18 @@ def _load_radiograph(ref: SeriesRef) -> Volume:
     return _image_2d(_rescaled(arr, ds), ds, path, ref.modality)
 
 
-def _image_2d(arr: np.ndarray, ds: pydicom.Dataset, path: Path, modality: str) -> Volume:
+def _image_2d(
+    arr: np.ndarray,
+    ds: pydicom.Dataset,
+    path: Path,
+    modality: str,
+    spacing: tuple[float, float] | None = None,
+) -> Volume:
     if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
         arr = arr.max() + arr.min() - arr  # MONOCHROME1: low values display white
     # No spacing at all (some CR): 1 mm per pixel, so the image still trains; spacing is
     # recorded in meta and consumers that need true mm can filter on the header.
-    spacing = _spacing(ds) or (1.0, 1.0)
+    spacing = spacing or _spacing(ds) or (1.0, 1.0)
     return Volume(
         array=np.ascontiguousarray(arr, dtype=np.float32),
         affine=None,
@@ -176,7 +186,8 @@ def _load_slices(ref: SeriesRef, policy: SkipPolicy) -> Volume:
         arr = decode_pixels(ds, ref.source)
         if arr.ndim != 2:
             raise SkipSeries(INCONSISTENT_GEOMETRY, ref.source, "single slice is not 2D")
-        return _image_2d(_rescaled(arr, ds), ds, ref.source, ref.modality)
+        plane = _plane(ds, arr, 0)
+        return _image_2d(plane.pixels, ds, ref.source, ref.modality, plane.spacing)
     if n < policy.min_slices:
         raise SkipSeries(TOO_FEW_SLICES, ref.source, f"{n} slice(s), need {policy.min_slices}")
     planes: list[_Plane] = []
@@ -186,14 +197,7 @@ def _load_slices(ref: SeriesRef, policy: SkipPolicy) -> Volume:
         arr = decode_pixels(ds, path)
         if arr.ndim != 2:
             raise SkipSeries(INCONSISTENT_GEOMETRY, path, "slice pixels are not 2D")
-        planes.append(
-            _Plane(
-                pixels=_rescaled(arr, ds),
-                position=_floats(ds.get("ImagePositionPatient"), 3),
-                orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-                spacing=_spacing(ds),
-            )
-        )
+        planes.append(_plane(ds, arr, 0))
         headers.append(_header_only(ds))  # drop pixels now: only one header is kept
     array, affine, spacing, first = stack_planes(planes, ref.source, policy)
     return Volume(array, affine, spacing, ref.modality, headers[first], "dicom", ref.source)
@@ -211,6 +215,21 @@ def _group_item(ds: pydicom.Dataset, index: int, sequence: str) -> pydicom.Datas
     return None
 
 
+def _plane(ds: pydicom.Dataset, frame: np.ndarray, index: int) -> _Plane:
+    """Frame ``index`` of ``ds`` with its geometry and rescale: top-level attributes of a
+    single-frame image, else the enhanced functional groups (per-frame, then shared)."""
+    position = _group_item(ds, index, "PlanePositionSequence") or ds
+    orientation = _group_item(ds, index, "PlaneOrientationSequence") or ds
+    measures = _group_item(ds, index, "PixelMeasuresSequence") or ds
+    transform = _group_item(ds, index, "PixelValueTransformationSequence") or ds
+    return _Plane(
+        pixels=_rescaled(frame, transform),
+        position=_floats(position.get("ImagePositionPatient"), 3),
+        orientation=_floats(orientation.get("ImageOrientationPatient"), 6),
+        spacing=_spacing(measures),
+    )
+
+
 def _load_enhanced(ref: SeriesRef, policy: SkipPolicy) -> Volume:
     """One enhanced multi-frame CT/MR file: per-frame geometry from the functional groups."""
     path = ref.source
@@ -222,22 +241,7 @@ def _load_enhanced(ref: SeriesRef, policy: SkipPolicy) -> Volume:
         raise SkipSeries(
             TOO_FEW_SLICES, path, f"{frames.shape[0]} frame(s), need {policy.min_slices}"
         )
-    planes = []
-    for i, frame in enumerate(frames):
-        position = _group_item(ds, i, "PlanePositionSequence")
-        orientation = _group_item(ds, i, "PlaneOrientationSequence")
-        measures = _group_item(ds, i, "PixelMeasuresSequence")
-        transform = _group_item(ds, i, "PixelValueTransformationSequence")
-        planes.append(
-            _Plane(
-                pixels=_rescaled(frame, transform if transform is not None else ds),
-                position=_floats(position.get("ImagePositionPatient"), 3) if position else None,
-                orientation=(
-                    _floats(orientation.get("ImageOrientationPatient"), 6) if orientation else None
-                ),
-                spacing=_spacing(measures) if measures is not None else None,
-            )
-        )
+    planes = [_plane(ds, frame, i) for i, frame in enumerate(frames)]
     array, affine, spacing, _ = stack_planes(planes, path, policy)
     return Volume(array, affine, spacing, ref.modality, _header_only(ds), "dicom", path)
 

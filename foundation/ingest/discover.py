@@ -26,6 +26,7 @@ from foundation.ingest.skip import (
     SkipPolicy,
     error_detail,
     header_skip,
+    quiet_reading,
 )
 
 _PREAMBLE = 128
@@ -76,7 +77,8 @@ def looks_like_dicom(path: Path) -> bool:
     if group_le not in _FIRST_GROUPS and group_be not in _FIRST_GROUPS:
         return False
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        with quiet_reading():
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
     except Exception:
         return False
     return len(ds) > 0
@@ -99,15 +101,60 @@ def find_dicom_files(root: Path) -> Iterator[Path]:
 
 def read_header(path: Path) -> pydicom.Dataset:
     """Header-only read; ``force`` because raw data sets without a preamble are valid input."""
-    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    with quiet_reading():
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
 
 
 def _rounded_iop(ds: pydicom.Dataset) -> tuple[float, ...] | None:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
-        return None
+    try:
+        iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    except (TypeError, ValueError):
+        return None  # unusable orientation: load_series reports the missing geometry
     # Rounded so that float noise between slices of one stack does not split it.
-    return tuple(round(float(v), 3) + 0.0 for v in iop)
+    return tuple(round(v, 3) + 0.0 for v in iop) if len(iop) == 6 else None
+
+
+def _scan_one(path: Path, policy: SkipPolicy, seen: set[str]) -> SeriesRef | Skip:
+    """Header of one file -> a one-file ``SeriesRef`` (grouped by the caller) or a ``Skip``."""
+    try:
+        ds = read_header(path)
+    except Exception as exc:
+        return Skip(UNREADABLE, path, error_detail("reading the header", exc))
+    if len(ds) == 0:
+        return Skip(NOT_DICOM, path, "no data elements")
+    try:
+        skip = header_skip(ds, path, policy)
+        if skip is not None:
+            return skip
+        instance = str(ds.get("SOPInstanceUID", "")).strip()
+        if instance and instance in seen:
+            return Skip(DUPLICATE_INSTANCE, path, "SOPInstanceUID seen in another file")
+        seen.add(instance)
+        modality = str(ds.Modality).strip().upper()
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if modality in policy.volume_modalities:
+            kind = "enhanced" if n_frames > 1 else "slices"
+        else:
+            kind = "image"
+        ref = SeriesRef(
+            files=[path],
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            modality=modality,
+            kind=kind,
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            number_of_frames=n_frames,
+            orientation=_rounded_iop(ds),
+        )
+        if kind == "slices":  # the grouping key within a series: one stackable geometry
+            echo = str(ds.get("EchoNumbers", ""))
+            ref.split_tag = f"{ref.rows}x{ref.columns}/{ref.orientation}/{echo}"
+        else:
+            ref.split_tag = instance or str(path)
+        return ref
+    except Exception as exc:
+        return Skip(UNREADABLE, path, error_detail("reading header attributes", exc))
 
 
 def scan_series(
@@ -117,67 +164,26 @@ def scan_series(
 
     Files repeating an SOPInstanceUID already seen are skipped as duplicates (first wins).
     Single-frame CT/MR files group by (study, series, rows, columns, orientation, echo);
-    a series mixing sizes or orientations is split into one ``SeriesRef`` per geometry.
-    Enhanced multi-frame files and radiographs are one ``SeriesRef`` each.
+    a series mixing sizes or orientations is split into one ``SeriesRef`` per geometry
+    (``split_tag`` tells them apart). Enhanced multi-frame files and radiographs are one
+    ``SeriesRef`` each.
     """
-    groups: dict[tuple, SeriesRef] = {}
+    groups: dict[tuple[str, str, str], SeriesRef] = {}
     refs: list[SeriesRef] = []
     skips: list[Skip] = []
-    seen_instances: set[str] = set()  # an export may hold one instance twice (re-encoded)
+    seen: set[str] = set()  # an export may hold one instance twice (e.g. re-encoded)
     for path in paths:
-        path = Path(path)
-        try:
-            ds = read_header(path)
-        except Exception as exc:
-            skips.append(Skip(UNREADABLE, path, error_detail("reading the header", exc)))
-            continue
-        if len(ds) == 0:
-            skips.append(Skip(NOT_DICOM, path, "no data elements"))
-            continue
-        try:
-            skip = header_skip(ds, path, policy)
-            if skip is not None:
-                skips.append(skip)
-                continue
-            instance = str(ds.get("SOPInstanceUID", "")).strip()
-            if instance and instance in seen_instances:
-                skips.append(Skip(DUPLICATE_INSTANCE, path, "SOPInstanceUID seen in another file"))
-                continue
-            seen_instances.add(instance)
-            modality = str(ds.Modality).strip().upper()
-            n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-            if modality in policy.volume_modalities and n_frames > 1:
-                kind = "enhanced"
-            elif modality in policy.volume_modalities:
-                kind = "slices"
-            else:
-                kind = "image"
-            ref = SeriesRef(
-                files=[path],
-                study_uid=str(ds.StudyInstanceUID),
-                series_uid=str(ds.SeriesInstanceUID),
-                modality=modality,
-                kind=kind,
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                number_of_frames=n_frames,
-                orientation=_rounded_iop(ds),
-            )
-            if kind == "slices":
-                echo = str(ds.get("EchoNumbers", ""))
-                ref.split_tag = f"{ref.rows}x{ref.columns}/{ref.orientation}/{echo}"
-            else:
-                ref.split_tag = str(ds.get("SOPInstanceUID", "")) or str(path)
-        except Exception as exc:
-            skips.append(Skip(UNREADABLE, path, error_detail("reading header attributes", exc)))
-            continue
-        if kind != "slices":
+        with quiet_reading():  # values are converted lazily: warnings may quote them
+            ref = _scan_one(Path(path), policy, seen)
+        if isinstance(ref, Skip):
+            skips.append(ref)
+        elif ref.kind != "slices":
             refs.append(ref)
-            continue
-        key = (ref.study_uid, ref.series_uid, ref.split_tag)
-        if key in groups:
-            groups[key].files.append(path)
         else:
-            groups[key] = ref
-            refs.append(ref)
+            key = (ref.study_uid, ref.series_uid, ref.split_tag)
+            if key in groups:
+                groups[key].files.append(ref.source)
+            else:
+                groups[key] = ref
+                refs.append(ref)
     return refs, skips

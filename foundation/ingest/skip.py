@@ -11,6 +11,10 @@ need the pixels (missing pixel data, decode failures, geometry) live in ``dicom.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import UID
 
-from foundation.ingest.volume import Skip
+from foundation.ingest.volume import XRAY_MODALITIES, Skip
 
 # Stable reason codes (the ingest report counts these; add, never rename).
 NON_IMAGE_SOP = "non_image_sop"  # SR, RT plan/struct/dose, SEG, PR, KO, waveforms, DICOMDIR...
@@ -41,7 +45,14 @@ NIFTI_WITHOUT_SIDECAR = "nifti_without_sidecar"
 NOT_DICOM = "not_dicom"
 DUPLICATE_INSTANCE = "duplicate_instance"  # same SOPInstanceUID as a file already scanned
 
-__all__ = ["DEFAULT_POLICY", "Skip", "SkipPolicy", "error_detail", "header_skip"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "Skip",
+    "SkipPolicy",
+    "error_detail",
+    "header_skip",
+    "quiet_reading",
+]
 
 PHOTOMETRIC_GREY = ("MONOCHROME1", "MONOCHROME2")
 
@@ -52,6 +63,24 @@ def error_detail(stage: str, exc: BaseException) -> str:
     Messages of parser errors may quote header values, so they are dropped on purpose.
     """
     return f"{type(exc).__name__} while {stage}"
+
+
+@contextmanager
+def quiet_reading() -> Iterator[None]:
+    """Silence pydicom's warnings and log lines while reading one file.
+
+    They quote header values ("Invalid value for VR ...: '<value>'"), which must not reach
+    the ingest logs; what went wrong is reported by the ``Skip`` instead.
+    """
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 @dataclass
@@ -81,10 +110,15 @@ class SkipPolicy:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown skip policy fields: {sorted(unknown)}")
-        policy = cls(**d)
-        if policy.single_slice not in ("2d", "skip"):
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.single_slice not in ("2d", "skip"):
             raise ValueError("skip policy single_slice must be '2d' or 'skip'")
-        return policy
+        if not set(self.volume_modalities) <= {"CT", "MR"}:
+            raise ValueError("skip policy volume_modalities must be among CT, MR")
+        if not set(self.xray_modalities) <= XRAY_MODALITIES:
+            raise ValueError(f"skip policy xray_modalities must be among {sorted(XRAY_MODALITIES)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

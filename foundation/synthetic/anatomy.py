@@ -102,7 +102,7 @@ def sample_patient(rng: np.random.Generator) -> PatientAnatomy:
     ax = ctr * t
     ay = min(0.75 * ax, 0.55 * inner_b)
     az = float(np.clip(0.8 * ax, 45, 75))
-    heart_c = (0.15 * ax, -0.25 * inner_b, -30.0)
+    heart_c = (0.3 * ax, -0.25 * inner_b, -30.0)  # about two thirds left of the midline
     base = Anatomy(
         body_semi=(a, b),
         fat=fat,

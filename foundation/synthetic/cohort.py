@@ -40,7 +40,7 @@ from foundation.synthetic.reports import StudyFacts, write_report
 from foundation.synthetic.series import CT_STORAGE, ExportLayout, StudyWriter
 
 # Variants cycle with the cohort's series counters so even a 4-patient cohort holds each one.
-CT_FORMATS = ("explicit", "j2k", "rle", "nifti", "implicit", "explicit")
+CT_FORMATS = ("explicit", "j2k", "rle", "implicit", "nifti", "explicit")
 XR_FORMATS = ("explicit", "rle", "j2k", "explicit", "implicit")
 MR_FORMATS = ("explicit", "nifti", "j2k")
 XR_SHAPES = ((256, 220), (256, 256), (256, 240))
@@ -213,7 +213,8 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
             path = layout.dicom_path(study.uid, info.uid)
             save(ds, path, "explicit", img)
             skips.append({"path": path.relative_to(out).as_posix(), "reason": "burned_in_annotation"})
-            w.planted += [sop, info.uid]
+            w.planted.append(sop)
+            w.plant_series(info)
         if i == 2 and j == 0:  # a structured report: not an image
             info = _series_info("SR", "SR", study, uid, 98, rng)
             sop = uid("sop", info.uid, 0)
@@ -221,10 +222,10 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
             path = layout.dicom_path(study.uid, info.uid)
             save(ds, path, "explicit")
             skips.append({"path": path.relative_to(out).as_posix(), "reason": "non_image_sop_class"})
-            w.planted += [sop, info.uid]
+            w.planted.append(sop)
+            w.plant_series(info)
         values += [study.accession, study.uid, study.study_id, *date_forms(date), *w.planted]
-        values += [s["uid"] for s in series] + [sp["text"] for sp in spans]
-        values += [info.station, info.serial]
+        values += [sp["text"] for sp in spans]
         studies.append({
             "patient_id": ident.ipp, "accession_number": study.accession,
             "study_instance_uid": study.uid, "kind": kind, "date": date.isoformat(),
@@ -244,6 +245,7 @@ def _anatomy_truth(a: Anatomy) -> dict:
         "lung_centres": [list(c) for c in a.lung_centres],
         "lung_semi": [a.lung_semi_x, *a.lung_semi_yz],
         "body_semi": list(a.body_semi),
+        "spine": [0.0, a.spine_y, a.spine_radius],
         "calcifications": [[*c.centre, c.radius, c.hu] for c in a.calcifications],
         "nodules": [[*n.centre, n.radius] for n in a.nodules],
     }

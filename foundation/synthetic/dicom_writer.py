@@ -183,19 +183,24 @@ def save(ds: Dataset, path: Path, syntax: str, arr: np.ndarray | None = None) ->
     """Write ``ds`` as a DICOM Part 10 file (preamble, file meta); returns the syntax used.
 
     ``syntax``: explicit | implicit | j2k | rle. JPEG 2000 lossless is encoded by
-    pylibjpeg-openjpeg; if that encoder is unavailable the file falls back to RLE lossless.
+    pylibjpeg-openjpeg; if that encoder is unavailable, or the image is under 32 pixels a side,
+    the file falls back to RLE lossless (the returned syntax says which).
     """
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    if syntax == "j2k" and min(arr.shape) < 32:
+        syntax = "rle"  # openjpeg's default 6 resolution levels need tiles of 32 pixels or more
     if syntax == "j2k":
         try:
-            ds.compress(JPEG2000Lossless, arr, encoding_plugin="pylibjpeg")
+            ds.compress(
+                JPEG2000Lossless, arr, encoding_plugin="pylibjpeg", generate_instance_uid=False
+            )
         except (RuntimeError, ValueError, ImportError):
             syntax = "rle"
     if syntax == "rle":
-        ds.compress(RLELossless, arr)
+        ds.compress(RLELossless, arr, generate_instance_uid=False)  # UIDs stay seeded
     elif syntax == "implicit":
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     path.parent.mkdir(parents=True, exist_ok=True)

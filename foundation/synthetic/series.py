@@ -83,7 +83,11 @@ class StudyWriter:
     study: StudyInfo
     rng: np.random.Generator
     uid: Callable[..., str]
-    planted: list[str] = field(default_factory=list)  # SOP Instance UIDs written
+    planted: list[str] = field(default_factory=list)  # UIDs and device names written
+
+    def plant_series(self, series: SeriesInfo) -> None:
+        """Record the series-level identifiers (UIDs, station, serial number)."""
+        self.planted += [series.uid, series.frame_uid, series.station, series.serial]
 
     def _rel(self, path: Path) -> str:
         return path.relative_to(self.out).as_posix()
@@ -132,7 +136,9 @@ class StudyWriter:
         bits: int = 12,
     ) -> dict:
         """Write planes (K, rows, cols) as DICOM slices or one NIfTI; ``rescale`` for CT."""
-        truth = {"uid": series.uid, "modality": series.modality, "format": fmt}
+        self.plant_series(series)
+        truth = {"uid": series.uid, "modality": series.modality}
+        truth["format"] = "nifti" if fmt == "nifti" else "dicom"
         truth.update(self._stack_truth(stack), orientation=stack.variant)
         truth["patient_position"] = stack.patient_position
         if fmt == "nifti":
@@ -193,6 +199,7 @@ class StudyWriter:
             img = (4095 - img).astype(np.uint16)
         sop = self.uid("sop", series.uid, 0)
         self.planted.append(sop)
+        self.plant_series(series)
         ds = base_dataset(self.study, series, sop, 1)
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.PatientOrientation = ["L", "F"]
@@ -239,6 +246,7 @@ class StudyWriter:
         )
         sop = self.uid("sop", series.uid, 0)
         self.planted.append(sop)
+        self.plant_series(series)
         ds = base_dataset(self.study, series, sop, 1)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.PatientPosition = "HFS"

@@ -120,13 +120,19 @@ class PretrainModule(L.LightningModule):
         return nn.ModuleDict({"vision": self.vision, "proj": self.vision_proj})
 
     def configure_model(self) -> None:
-        # In-place compile (nn.Module.compile) keeps parameter names, so checkpoints do not
-        # depend on whether the run was compiled.
-        if self.hparams.compile:
-            self.vision.compile()
-            self.text.compile()
-            if self.decoder is not None:
-                self.decoder.compile()
+        # Compile block by block (as torchtitan does): masking, the positional-table cache and
+        # the 2D/3D stems stay eager, so nothing breaks the graphs or triggers recompiles, and
+        # one compiled block serves every layer. In-place ``nn.Module.compile`` keeps parameter
+        # names, so checkpoints do not depend on whether the run was compiled.
+        if not self.hparams.compile:
+            return
+        blocks = list(self.vision.blocks)
+        if self.decoder is not None:
+            blocks += list(self.decoder.blocks)
+        text_layers = getattr(getattr(self.text.model, "encoder", None), "layer", None)
+        blocks += list(text_layers) if text_layers is not None else [self.text.model]
+        for block in blocks:
+            block.compile()
 
     # ---- encoders (inference API) -------------------------------------------------------------
 
@@ -213,7 +219,8 @@ class PretrainModule(L.LightningModule):
         self._last_batch_start = now
 
     def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
-        if self.ema is not None:
+        # After each optimiser step only (not after every accumulated micro-batch).
+        if self.ema is not None and (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.ema.update(self._ema_source(), self.global_step)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

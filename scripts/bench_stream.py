@@ -1,0 +1,252 @@
+"""Benchmark the shard stream against MONAI baselines, all measured in the same run.
+
+    python scripts/bench_stream.py            # 256x256x96 int16 CT-like volumes
+    python scripts/bench_stream.py --full     # 512x512x160 (the real size of a chest CT)
+    python scripts/bench_stream.py --small    # CI: tiny volumes, < 30 s
+
+Figures (printed as ratios against their baselines):
+- samples/s of ShardStream (decode + crop + CT window) vs MONAI LoadImaged + Orientationd +
+  Spacingd + crop from NIfTI, and vs MONAI PersistentDataset with the same transforms
+  (deterministic part cached, second pass);
+- bytes per sample: shards vs the PersistentDataset cache vs the NIfTI files;
+- streaming read rate (tar iteration, no decode) vs ``cat`` of the same shards;
+- the exclusion filter's cost with 1,000,000 excluded pseudonyms (planning + filter);
+- ``.npy`` vs a compressed form (zstd if importable, else zlib) on size and decode speed.
+Everything runs in one process (num_workers=0) so the ratios compare per-core cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import subprocess
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+
+from foundation.data.plan import plan_epoch
+from foundation.data.stream import ShardStream
+from foundation.data.transforms import train_transform
+from foundation.sample import Sample, sample_key
+from foundation.shards.manifest import Manifest
+from foundation.shards.reader import iter_shard
+from foundation.shards.writer import ShardWriter
+
+try:
+    import zstandard
+except ImportError:  # optional
+    zstandard = None
+
+
+def ct_volume(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """A CT-like int16 volume: air outside a body ellipse, soft tissue, a few bright bones."""
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    body = (x / 0.8) ** 2 + (y / 0.6) ** 2 < 1
+    vol = np.full(shape, -1000, dtype=np.int16)
+    tissue = rng.normal(40, 30, shape).astype(np.int16)
+    vol[body] = tissue[body]
+    vol[(x**2 + (y + 0.3) ** 2 < 0.01)] = 900  # spine
+    return vol
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def build(root: Path, n: int, shape: tuple[int, int, int], n_patients: int) -> tuple[Path, list]:
+    """Shards (already canonical, as ingest writes them) and NIfTI files of the same volumes
+    (LPS affine, 0.7x0.7x2.5 mm: the MONAI baseline has orientation and spacing work to do)."""
+    rng = np.random.default_rng(0)
+    nifti_dir = root / "nifti"
+    nifti_dir.mkdir()
+    files = []
+    with ShardWriter(root / "shards", max_samples=8) as w:
+        for i in range(n):
+            vol = ct_volume(rng, shape)
+            study = f"{i:08x}"
+            meta = {
+                "patient": f"{i % n_patients:024x}",
+                "study": study,
+                "modality": "CT",
+                "dims": 3,
+                "spacing": [0.7, 0.7, 2.5],
+                "shape": list(shape),
+                "orientation": "RAS",
+            }
+            w.write(Sample(sample_key(study, 0), vol, meta, "compte rendu"))
+            affine = np.diag([-0.7, -0.7, 2.5, 1.0])  # LPS+
+            path = nifti_dir / f"{study}.nii.gz"
+            nib.save(nib.Nifti1Image(vol[::-1, ::-1], affine), path)
+            files.append({"image": str(path)})
+    manifest = Manifest(dataset="bench", key_id="k", shards=w.close(), shard_root="shards")
+    return manifest.save(root / "bench-v1.json"), files
+
+
+def monai_transforms(crop: tuple[int, int, int]):
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        RandSpatialCropd,
+        ScaleIntensityRanged,
+        Spacingd,
+        SpatialPadd,
+    )
+
+    deterministic = [
+        LoadImaged("image"),
+        EnsureChannelFirstd("image"),
+        Orientationd("image", axcodes="RAS"),
+        Spacingd("image", pixdim=(0.7, 0.7, 2.5)),  # the stored spacing: resampling cost only
+    ]
+    random = [
+        RandSpatialCropd("image", crop, random_size=False),
+        SpatialPadd("image", crop),
+        ScaleIntensityRanged("image", -160, 240, 0.0, 1.0, clip=True),
+    ]
+    return Compose(deterministic + random)
+
+
+def rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny volumes for CI (< 30 s)")
+    ap.add_argument("--full", action="store_true", help="512x512x160 volumes")
+    ap.add_argument("--volumes", type=int, default=None)
+    ap.add_argument("--excluded", type=int, default=1_000_000)
+    args = ap.parse_args()
+    if args.small:
+        shape, crop, n = (64, 64, 24), (32, 32, 16), args.volumes or 16
+    elif args.full:
+        shape, crop, n = (512, 512, 160), (160, 160, 96), args.volumes or 24
+    else:
+        shape, crop, n = (256, 256, 96), (128, 128, 64), args.volumes or 32
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t_build, (manifest_path, files) = timed(build, root, n, shape, max(2, n // 2))
+        manifest = Manifest.load(manifest_path)
+        print(f"{n} volumes {shape} int16, crop {crop}; built in {t_build:.1f} s")
+
+        # -- ours: decode + crop + window, batches of 2 --------------------------------------
+        def ours(excluded: frozenset[str] = frozenset()) -> tuple[float, float]:
+            """(samples/s over the epoch, seconds to set the epoch up)."""
+            lst = SimpleNamespace(pseudonyms=excluded, version="bench", key_id=None)
+            stream = ShardStream(
+                manifest, "bench" if excluded else None, exclusion_loader=lambda _: lst,
+                transform_3d=train_transform(3, crop), batch_size=2, seed=0,
+                rank=0, world_size=1,
+            )  # fmt: skip
+            t_setup, _ = timed(stream.set_epoch, 0)
+            t, samples = timed(lambda: sum(len(b["key"]) for b in stream))
+            return rate(samples, t), t_setup
+
+        ours()  # warm-up (imports, page cache)
+        r_ours, setup0 = ours()
+
+        # -- MONAI from NIfTI, and PersistentDataset ---------------------------------------
+        from monai.data import Dataset, PersistentDataset
+
+        full = monai_transforms(crop)
+        ds = Dataset(files, transform=full)
+        t_monai, _ = timed(lambda: [ds[i] for i in range(len(ds))])
+        r_monai = rate(n, t_monai)
+        cache = root / "persistent"
+        pds = PersistentDataset(files, transform=full, cache_dir=cache)
+        t_first, _ = timed(lambda: [pds[i] for i in range(len(pds))])
+        t_second, _ = timed(lambda: [pds[i] for i in range(len(pds))])
+        r_pers = rate(n, t_second)
+        rows += [
+            ("samples/s ShardStream", f"{r_ours:.1f}", "1.00"),
+            ("samples/s MONAI NIfTI Load+Orient+Spacing+crop", f"{r_monai:.1f}",
+             f"ours x{r_ours / r_monai:.1f}"),
+            ("samples/s MONAI PersistentDataset (cached pass)", f"{r_pers:.1f}",
+             f"ours x{r_ours / r_pers:.2f}"),
+            ("  PersistentDataset first pass (building cache)", f"{rate(n, t_first):.1f}", ""),
+        ]  # fmt: skip
+
+        # -- bytes per sample -------------------------------------------------------------
+        shard_bytes = sum(s.bytes for s in manifest.shards) / n
+        cache_bytes = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / n
+        nifti_bytes = sum(Path(f["image"]).stat().st_size for f in files) / n
+        rows += [
+            ("bytes/sample shards (.npy in tar)", f"{shard_bytes / 1e6:.2f} MB", "1.00"),
+            ("bytes/sample PersistentDataset cache", f"{cache_bytes / 1e6:.2f} MB",
+             f"x{cache_bytes / shard_bytes:.2f}"),
+            ("bytes/sample NIfTI .nii.gz", f"{nifti_bytes / 1e6:.2f} MB",
+             f"x{nifti_bytes / shard_bytes:.2f}"),
+        ]  # fmt: skip
+
+        # -- streaming read vs cat --------------------------------------------------------
+        paths = [str(p) for p in manifest.shard_paths()]
+        total_bytes = sum(s.bytes for s in manifest.shards)
+        t_cat, _ = timed(lambda: subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL))
+        t_read, _ = timed(lambda: [None for p in paths for _ in iter_shard(p)])
+        t_pipe, _ = timed(lambda: [None for p in paths for _ in iter_shard(f"pipe:cat {p}")])
+        rows += [
+            ("read MB/s cat", f"{total_bytes / t_cat / 1e6:.0f}", "1.00"),
+            ("read MB/s tar iteration (local)", f"{total_bytes / t_read / 1e6:.0f}",
+             f"x{t_cat / t_read:.2f}"),
+            ("read MB/s tar iteration (pipe:cat)", f"{total_bytes / t_pipe / 1e6:.0f}",
+             f"x{t_cat / t_pipe:.2f}"),
+        ]  # fmt: skip
+
+        # -- exclusion filter with 1M pseudonyms -----------------------------------------
+        big = frozenset(f"{i:024x}" for i in range(10**12, 10**12 + args.excluded))
+        shards = [(s.path, s.patients) for s in manifest.shards]
+        plan_epoch(shards, big, seed=0, epoch=0, world_size=8, num_workers=8, batch_size=2)
+        t_plan0, _ = timed(lambda: plan_epoch(shards, frozenset(), seed=0, epoch=0,
+                           world_size=8, num_workers=8, batch_size=2))  # fmt: skip
+        t_plan1, _ = timed(lambda: plan_epoch(shards, big, seed=0, epoch=0,
+                           world_size=8, num_workers=8, batch_size=2))  # fmt: skip
+        r_excl, setup1 = ours(big)
+        rows += [
+            (f"plan an epoch, {len(big):,} excluded (ms)", f"{t_plan1 * 1e3:.2f}",
+             f"vs {t_plan0 * 1e3:.2f} ms with none"),
+            (f"epoch set-up, {len(big):,} excluded (ms)", f"{setup1 * 1e3:.0f}",
+             f"vs {setup0 * 1e3:.0f} ms with none"),
+            (f"samples/s ShardStream, {len(big):,} excluded", f"{r_excl:.1f}",
+             f"x{r_excl / r_ours:.2f} of none"),
+        ]  # fmt: skip
+
+        # -- .npy vs compressed -----------------------------------------------------------
+        vol = ct_volume(np.random.default_rng(1), shape)
+        buf = io.BytesIO()
+        np.save(buf, vol)
+        raw = buf.getvalue()
+        if zstandard is not None:
+            name = "zstd-3"
+            packed = zstandard.ZstdCompressor(level=3).compress(raw)
+            unpack = zstandard.ZstdDecompressor().decompress
+        else:
+            name = "zlib-1"
+            packed = zlib.compress(raw, 1)
+            unpack = zlib.decompress
+        reps = 5
+        t_npy, _ = timed(lambda: [np.load(io.BytesIO(raw)) for _ in range(reps)])
+        t_cmp, _ = timed(lambda: [np.load(io.BytesIO(unpack(packed))) for _ in range(reps)])
+        rows += [
+            ("bytes/volume .npy", f"{len(raw) / 1e6:.2f} MB", "1.00"),
+            (f"bytes/volume {name}", f"{len(packed) / 1e6:.2f} MB", f"x{len(packed) / len(raw):.2f}"),
+            ("decode ms .npy", f"{t_npy / reps * 1e3:.1f}", "1.00"),
+            (f"decode ms {name}", f"{t_cmp / reps * 1e3:.1f}", f"x{t_cmp / t_npy:.1f}"),
+        ]  # fmt: skip
+
+    width = max(len(r[0]) for r in rows)
+    for name, value, ratio in rows:
+        print(f"{name:<{width}}  {value:>12}  {ratio}")
+
+
+if __name__ == "__main__":
+    main()
