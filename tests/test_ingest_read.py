@@ -419,8 +419,11 @@ def test_find_dicom_files_by_content(tmp_path: Path) -> None:
     raw.file_meta, raw.preamble = FileMetaDataset(), None  # bare data set: no preamble/meta
     raw.save_as(tmp_path / "sub" / "raw.bin", implicit_vr=True, little_endian=True)  # no preamble
     assert (tmp_path / "sub" / "raw.bin").read_bytes()[128:132] != b"DICM"
-    found = [p.relative_to(tmp_path).as_posix() for p in find_dicom_files(tmp_path)]
+    (tmp_path / "scan.json").write_text("{}")  # a NIfTI sidecar: not ours to count
+    not_dicom: list[Skip] = []
+    found = [p.relative_to(tmp_path).as_posix() for p in find_dicom_files(tmp_path, not_dicom)]
     assert found == ["IM0001", "sub/raw.bin"]
+    assert [(s.path.name, s.reason) for s in not_dicom] == [("notes.dcm", "not_dicom")]
     refs, skips = scan_series(find_dicom_files(tmp_path))
     assert len(refs) == 1 and [s.reason for s in skips] == ["duplicate_instance"]
     # the bare data set (encoding found by the parser) decodes like the original file

@@ -394,3 +394,9 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path):
         rest, datamodule=dm(), ckpt_path=tmp_path / "c.ckpt"
     )
     assert len(full.seen) > 30 and full.seen == first.seen[:30] + rest.seen
+
+
+def test_pipe_urls(dataset):
+    local = [k for b in make(dataset, None, rank=0, world_size=1) for k in b["key"]]
+    piped = make(dataset, None, rank=0, world_size=1, shard_url="pipe:cat {root}/{path}")
+    assert [k for b in piped for k in b["key"]] == local

@@ -55,7 +55,9 @@ def _ct_lps(out: Path, paths: list[str]):
     dss.sort(key=lambda d: float(np.dot(d.ImagePositionPatient, normal)))
     vol = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
     ps = [float(v) for v in dss[0].PixelSpacing]
-    dz = float(np.dot(dss[1].ImagePositionPatient, normal) - np.dot(dss[0].ImagePositionPatient, normal))
+    dz = float(
+        np.dot(dss[1].ImagePositionPatient, normal) - np.dot(dss[0].ImagePositionPatient, normal)
+    )
     # array axes (slice, row, col) run along (normal, col, row); put them in x, y, z order
     dirs, steps = [normal, col, row], [dz, ps[0], ps[1]]
     order = [int(np.argmax([abs(d[w]) for d in dirs])) for w in range(3)]
@@ -155,6 +157,28 @@ def test_ct_geometry_matches_pixels(cohort):
     assert variants >= {"standard", "reverse", "feet_first", "prone"}, variants
 
 
+def test_mr_stack_and_radiographs(cohort):
+    out, _, truth = cohort
+    for _, s in _series(truth, modality="MR", format="dicom"):
+        dss = [pydicom.dcmread(out / p, stop_before_pixels=True) for p in s["paths"]]
+        iop = np.array(dss[0].ImageOrientationPatient, dtype=float)
+        normal = np.cross(iop[:3], iop[3:])
+        assert abs(normal[2]) < 0.99  # oblique, short-axis-like
+        pos = np.sort([np.dot(d.ImagePositionPatient, normal) for d in dss])
+        assert np.allclose(np.diff(pos), s["slice_spacing"], atol=1e-3)
+    for _, s in _series(truth, format="dicom"):
+        if s["modality"] not in ("CR", "DX"):
+            continue
+        ds = pydicom.dcmread(out / s["paths"][0])
+        assert [float(v) for v in ds.ImagerPixelSpacing] == pytest.approx(s["imager_pixel_spacing"])
+        if s["pixel_spacing"] is not None:
+            assert [float(v) for v in ds.PixelSpacing] == pytest.approx(s["pixel_spacing"])
+        arr = ds.pixel_array.astype(float)
+        air, chest = arr[0, 0], arr[arr.shape[0] // 2, arr.shape[1] // 2]  # neck corner: air
+        # MONOCHROME1 stores air (black on display) as the highest value
+        assert (air > chest) == (ds.PhotometricInterpretation == "MONOCHROME1")
+
+
 def test_nifti_affine_and_sidecar(cohort):
     out, _, truth = cohort
     found = 0
@@ -229,16 +253,20 @@ def test_planted_identifiers_cover_headers_and_reports(cohort):
             encoding = convert_encodings(ds.SpecificCharacterSet)[0]
             private = private.decode(encoding).strip()
         assert private in values
-    assert set(planted["all_values"]) >= {v for p in planted["patients"].values() for v in p["values"]}
+    for patient in planted["patients"].values():
+        assert set(patient["dates"]) <= set(patient["values"])
+    assert set(planted["all_values"]) >= {
+        v for p in planted["patients"].values() for v in p["values"]
+    }
 
 
 def test_expected_skips(cohort):
     out, summary, _ = cohort
     reasons = {s["reason"]: out / s["path"] for s in summary.expected_skips}
-    assert set(reasons) == {"localizer", "burned_in_annotation", "non_image_sop_class", "not_dicom"}
+    assert set(reasons) == {"localizer", "burned_in_annotation", "non_image_sop", "not_dicom"}
     assert "LOCALIZER" in pydicom.dcmread(reasons["localizer"]).ImageType
     assert pydicom.dcmread(reasons["burned_in_annotation"]).BurnedInAnnotation == "YES"
-    assert "PixelData" not in pydicom.dcmread(reasons["non_image_sop_class"])
+    assert "PixelData" not in pydicom.dcmread(reasons["non_image_sop"])
 
 
 def test_labels_relate_to_images(cohort):
@@ -267,9 +295,16 @@ def test_labels_relate_to_images(cohort):
         ctr_label.append(a["ctr"])
     scores, calcium = np.array(scores), np.array(calcium)
     assert np.all((scores == 0) == (calcium == 0)), (scores, calcium)
-    assert scores.max() > 0 and _spearman(scores, calcium) > 0.6, (scores, calcium)
+    # Lesions smaller than a voxel are drawn diluted (partial volume): the order is loose on a
+    # coarse grid, but a study with over three times another's score must show more calcium.
+    assert scores.max() > 0 and _spearman(scores, calcium) > 0.5, (scores, calcium)
+    for s1, c1 in zip(scores, calcium, strict=True):
+        assert all(c1 > c2 for s2, c2 in zip(scores, calcium, strict=True) if s1 > 3 * s2), (
+            scores,
+            calcium,
+        )
     assert np.abs(np.array(ctr_seen) - ctr_label).max() < 0.07, (ctr_seen, ctr_label)
-    assert _spearman(ctr_label, ctr_seen) > 0.7, (ctr_seen, ctr_label)
+    assert np.corrcoef(ctr_label, ctr_seen)[0, 1] > 0.8, (ctr_seen, ctr_label)
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -140,9 +140,18 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def lineage(self) -> dict[str, Any]:
-        """Dataset, version and key id of the manifest(s), for checkpoints."""
+        """Dataset, version, key id, preprocessing spec and the exclusion-list version of the
+        current epoch (None before the first epoch starts), for checkpoints."""
         m = self.manifest
-        return {"dataset": m.dataset, "version": m.version, "key_id": m.key_id}
+        stream = self.train_stream
+        epoch_state = stream.state_dict() if stream is not None else {}
+        return {
+            "dataset": m.dataset,
+            "version": m.version,
+            "key_id": m.key_id,
+            "preprocessing": dict(m.preprocessing),
+            "exclusion_version": epoch_state.get("exclusion_version"),
+        }
 
     def _stream(self, split: Literal["train", "val"]) -> ShardStream:
         train = split == "train"

@@ -28,24 +28,11 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from foundation.privacy.scrub import PLACEHOLDERS
+
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-# Placeholders the report scrubber writes in place of identifiers (keep in sync with
-# foundation/privacy/scrub.py; extra ones can be passed to train_tokenizer).
-SCRUB_PLACEHOLDERS: tuple[str, ...] = (
-    "[NOM]",
-    "[PRENOM]",
-    "[DATE]",
-    "[TEL]",
-    "[EMAIL]",
-    "[ADRESSE]",
-    "[VILLE]",
-    "[CODE_POSTAL]",
-    "[IPP]",
-    "[NIR]",
-    "[ID]",
-    "[AGE]",
-    "[ETABLISSEMENT]",
-)
+# The placeholders the report scrubber writes in place of identifiers, in its order, once each.
+SCRUB_PLACEHOLDERS: tuple[str, ...] = tuple(dict.fromkeys(PLACEHOLDERS.values()))
 
 
 def _build(kind: str, vocab_size: int, specials: list[str]) -> tuple[Tokenizer, trainers.Trainer]:

@@ -33,6 +33,7 @@ _PREAMBLE = 128
 _MAGIC = b"DICM"
 # Groups a raw data set (no preamble, no file meta) plausibly starts with.
 _FIRST_GROUPS = {0x0002, 0x0008}
+_NOT_OURS = (".nii", ".nii.gz", ".json")  # read by nifti.py, not counted as not_dicom
 
 
 @dataclass
@@ -84,18 +85,27 @@ def looks_like_dicom(path: Path) -> bool:
     return len(ds) > 0
 
 
-def find_dicom_files(root: Path) -> Iterator[Path]:
-    """Yield every DICOM file under ``root`` (recursively, sorted), recognised by content."""
+def find_dicom_files(root: Path, skipped: list[Skip] | None = None) -> Iterator[Path]:
+    """Yield every DICOM file under ``root`` (recursively, sorted), recognised by content.
+
+    With ``skipped``, every other file is appended to it as a ``not_dicom`` skip, except the
+    NIfTI files and JSON sidecars that ``nifti.py`` reads.
+    """
     root = Path(root)
-    if root.is_file():
-        if looks_like_dicom(root):
-            yield root
-        return
+    paths = [root] if root.is_file() else _walk(root)
+    for path in paths:
+        if looks_like_dicom(path):
+            yield path
+        elif skipped is not None and not path.name.lower().endswith(_NOT_OURS):
+            skipped.append(Skip(NOT_DICOM, path, "no DICM marker and no parseable data set"))
+
+
+def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if path.is_file() and looks_like_dicom(path):
+            if path.is_file():
                 yield path
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing as mp
 import os
 import time
 from collections import Counter
@@ -223,7 +224,12 @@ def run_ingest(
     ctx = WorkerContext(key_file=str(key_file) if key_file else None, preprocess=config.preprocess)
     next_index = groups[-1]["next_index"] if groups else 0
     prefix = f"{config.dataset}-{tag}" if tag else config.dataset
-    pool = ProcessPoolExecutor(max_workers=config.workers) if config.workers > 1 else None
+    # spawn, not fork: forking a process that already runs torch/OpenMP threads can deadlock
+    pool = (
+        ProcessPoolExecutor(max_workers=config.workers, mp_context=mp.get_context("spawn"))
+        if config.workers > 1
+        else None
+    )
     try:
         run = _mapper(pool, ctx)
         with progress_bar("ingest", total=len(todo)) as advance:

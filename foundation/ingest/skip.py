@@ -159,6 +159,12 @@ def header_skip(
         return Skip(NON_IMAGE_SOP, path, f"SOP class {name}")
     if not name and not has_image_attrs:
         return Skip(NON_IMAGE_SOP, path, "no image SOP class and no Rows/Columns")
+    # Burned-in text is a privacy reason: counted as such even on a secondary capture.
+    if (
+        policy.skip_burned_in_annotation
+        and str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"
+    ):
+        return Skip(BURNED_IN_ANNOTATION, path, "BurnedInAnnotation is YES")
     if "Secondary Capture" in name and not policy.allow_secondary_capture:
         return Skip(SECONDARY_CAPTURE, path, f"SOP class {name}")
     if "For Processing" in name and not policy.allow_for_processing:
@@ -166,11 +172,6 @@ def header_skip(
     image_type = _image_type(ds)
     if policy.skip_localizers and ("LOCALIZER" in image_type or "SCOUT" in image_type):
         return Skip(LOCALIZER, path, "ImageType marks a localizer")
-    if (
-        policy.skip_burned_in_annotation
-        and str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES"
-    ):
-        return Skip(BURNED_IN_ANNOTATION, path, "BurnedInAnnotation is YES")
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality not in policy.volume_modalities and modality not in policy.xray_modalities:
         # The modality code is a small closed vocabulary, safe to name when it is one.

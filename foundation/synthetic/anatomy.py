@@ -189,7 +189,7 @@ def tissue_labels(
     """Tissue label (uint8) and calcification HU (float32) at points ``p`` (..., 3) in LPS mm.
 
     ``min_radius`` is about half a voxel diagonal: a lesion smaller than that is drawn at that
-    radius with its density diluted by the volume ratio (partial volume), so every planted
+    radius with its density diluted by the area ratio (partial volume), so every planted
     calcification leaves a trace above 130 HU whatever the grid.
     """
     shape = p.shape[:-1]
@@ -216,7 +216,8 @@ def tissue_labels(
     if calcium:
         for c in a.calcifications:
             r = max(c.radius, min_radius)
-            value = CALCIUM_MIN_HU + 10 + (c.hu - CALCIUM_MIN_HU) * (c.radius / r) ** 3
+            # Dilute by the area ratio (Agatston weighs area); render_ct keeps it above 130.
+            value = CALCIUM_MIN_HU + max(1.0, (c.hu - CALCIUM_MIN_HU) * (c.radius / r) ** 2)
             idx = _ellipsoid(xyz, c.centre, (r, r, r))
             lab[idx] = CALCIUM
             hu[idx] = np.maximum(hu[idx], value)
@@ -229,6 +230,8 @@ def render_ct(a: Anatomy, points: np.ndarray, voxel: tuple[float, ...], rng) -> 
     lab, calc = tissue_labels(a, points, min_radius=min_r)
     hu = np.where(lab == CALCIUM, calc, CT_HU[lab])
     hu = hu + rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
+    # Noise must not hide a planted calcification: its voxels stay above the 130 HU threshold.
+    hu = np.where(lab == CALCIUM, np.maximum(hu, CALCIUM_MIN_HU + 1), hu)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 

@@ -21,6 +21,7 @@ import csv
 import datetime as dt
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from foundation.synthetic.anatomy import Anatomy, calcium_score, sample_patient
-from foundation.synthetic.dicom_writer import SeriesInfo, StudyInfo, save, secondary_capture, text_sr
+from foundation.synthetic.dicom_writer import SeriesInfo, StudyInfo
 from foundation.synthetic.geometry import CT_ORIENTATIONS, ct_stack, oblique_stack
 from foundation.synthetic.identities import (
     PatientIdentity,
@@ -88,7 +89,7 @@ class _Counters:
     mr: int = 0
 
 
-def _uid_factory(seed: int) -> callable:
+def _uid_factory(seed: int) -> Callable[..., str]:
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=["foundation-synthetic", str(seed), *map(str, parts)])
 
@@ -158,7 +159,7 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
         dates.append(dates[-1] + dt.timedelta(days=int(rng.integers(60, 700))))
     values = identity_values(ident)
     studies, reports = [], []
-    for j, (kind, date) in enumerate(zip(kinds, dates)):
+    for j, (kind, date) in enumerate(zip(kinds, dates, strict=True)):
         stage = j / max(1, len(kinds) - 1)
         a: Anatomy = anat_model.at(stage)
         study = StudyInfo(
@@ -186,8 +187,11 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
             stack = ct_stack(ct_matrix, n, spacing, float(155 + rng.uniform(0, 10)),
                              CT_ORIENTATIONS[c % len(CT_ORIENTATIONS)], 350.0)  # fmt: skip
             info = _series_info("CT", "CT", study, uid, 2, rng)
+            fmt = CT_FORMATS[c % len(CT_FORMATS)]
             storage = tuple(CT_STORAGE)[c % len(CT_STORAGE)]
-            series.append(w.ct(a, info, stack, CT_FORMATS[c % len(CT_FORMATS)], storage))
+            if fmt == "nifti":  # alternate uint16 + scl_inter -1024 and plain int16 HU
+                storage = ("uint12", "int16")[(c // len(CT_FORMATS)) % 2]
+            series.append(w.ct(a, info, stack, fmt, storage))
         elif kind == "MR":
             c = counters.mr
             counters.mr += 1
@@ -208,22 +212,11 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
         text, spans = write_report(ident, facts, rng, english=bool(rng.random() < 0.1))
         if i == 1 and j == 0:  # a screen capture with burned-in text
             info = _series_info("SC", "OT", study, uid, 99, rng)
-            sop = uid("sop", info.uid, 0)
-            ds, img = secondary_capture(study, info, sop)
-            path = layout.dicom_path(study.uid, info.uid)
-            save(ds, path, "explicit", img)
-            skips.append({"path": path.relative_to(out).as_posix(), "reason": "burned_in_annotation"})
-            w.planted.append(sop)
-            w.plant_series(info)
+            skips.append({"path": w.skip_object(info), "reason": "burned_in_annotation"})
         if i == 2 and j == 0:  # a structured report: not an image
             info = _series_info("SR", "SR", study, uid, 98, rng)
-            sop = uid("sop", info.uid, 0)
-            ds = text_sr(study, info, sop, text.split("\n\n")[-3])
-            path = layout.dicom_path(study.uid, info.uid)
-            save(ds, path, "explicit")
-            skips.append({"path": path.relative_to(out).as_posix(), "reason": "non_image_sop_class"})
-            w.planted.append(sop)
-            w.plant_series(info)
+            findings = text.split("\n\n")[-3]
+            skips.append({"path": w.skip_object(info, findings), "reason": "non_image_sop"})
         values += [study.accession, study.uid, study.study_id, *date_forms(date), *w.planted]
         values += [sp["text"] for sp in spans]
         studies.append({
@@ -280,12 +273,19 @@ def generate_cohort(
         )
         all_studies += studies
         reports += reps
-        planted[ident.ipp] = {"values": sorted(set(values))}
+        # Dates also listed apart: a shifted date may equal another study's original date, so
+        # privacy tests should check dates per patient, not against every patient's dates.
+        dates = set(date_forms(ident.birth_date))
+        dates |= {f for s in studies for f in date_forms(dt.date.fromisoformat(s["date"]))}
+        dates |= {sp["text"] for _, _, spans in reps for sp in spans if "DATE" in sp["label"]}
+        planted[ident.ipp] = {"values": sorted(set(values)), "dates": sorted(dates)}
     junk = export / "DICOM" / "README.TXT"
     junk.parent.mkdir(parents=True, exist_ok=True)
     junk.write_text("Export PACS - ne pas modifier\n")
     skips.append({"path": junk.relative_to(out).as_posix(), "reason": "not_dicom"})
-    return _write_tables(out, seed, n_patients, ct_matrix, all_studies, planted, reports, idents, skips)
+    return _write_tables(
+        out, seed, n_patients, ct_matrix, all_studies, planted, reports, idents, skips
+    )
 
 
 def _write_tables(out, seed, n_patients, ct_matrix, studies, planted, reports, idents, skips):

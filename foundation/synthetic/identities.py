@@ -216,7 +216,7 @@ def identity_values(ident: PatientIdentity) -> list[str]:
     h = ident.hospital
     values = person_values(ident.person)
     for doc in (ident.referrer, ident.radiologist):
-        values += person_values(doc.person) + [doc.dicom_pn]
+        values += [*person_values(doc.person), doc.dicom_pn]
     values += person_values(ident.operator)
     values += [ident.ipp, ident.email, ident.street, ident.zip, ident.city]
     values += [h.name, h.street, h.zip, h.city, *phone_forms(h.phone.replace(" ", ""))]

@@ -18,8 +18,10 @@ from foundation.synthetic.dicom_writer import (
     StudyInfo,
     base_dataset,
     save,
+    secondary_capture,
     set_pixels,
     set_plane,
+    text_sr,
 )
 from foundation.synthetic.geometry import SliceStack, projection_grid
 from foundation.synthetic.nifti_writer import write_nifti
@@ -66,7 +68,7 @@ class ExportLayout:
         else:
             base = self.export / p
         while True:
-            path = base / self._hex(8 if self.style == 0 else 8).lower()
+            path = base / self._hex(8).lower()
             if not path.exists():
                 return path
 
@@ -170,9 +172,7 @@ class StudyWriter:
         truth.update(syntax=syntax, paths=paths)
         return truth
 
-    def ct(
-        self, a: Anatomy, series: SeriesInfo, stack: SliceStack, fmt: str, storage: str
-    ) -> dict:
+    def ct(self, a: Anatomy, series: SeriesInfo, stack: SliceStack, fmt: str, storage: str) -> dict:
         hu = render_ct(a, stack.world_points(), (*stack.spacing, stack.slice_spacing), self.rng)
         dtype, bits, inter = CT_STORAGE[storage]
         truth = self.volume(
@@ -256,4 +256,20 @@ class StudyWriter:
         set_pixels(ds, stored, 12)
         path = self.layout.dicom_path(self.study.uid, series.uid)
         save(ds, path, "explicit", stored)
+        return self._rel(path)
+
+    def skip_object(self, series: SeriesInfo, sr_text: str | None = None) -> str:
+        """A screen capture with burned-in text, or with ``sr_text`` a Basic Text SR.
+
+        Both are objects ingest must skip; returns the file's path relative to ``out``.
+        """
+        sop = self.uid("sop", series.uid, 0)
+        self.planted.append(sop)
+        self.plant_series(series)
+        if sr_text is None:
+            ds, img = secondary_capture(self.study, series, sop)
+        else:
+            ds, img = text_sr(self.study, series, sop, sr_text), None
+        path = self.layout.dicom_path(self.study.uid, series.uid)
+        save(ds, path, "explicit", img)
         return self._rel(path)

@@ -9,16 +9,60 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from foundation.data.datamodule import ShardDataModule
+from foundation.training import cluster
 from foundation.training.pretrain import PretrainModule
 
 
 class PretrainCLI(LightningCLI):
-    """LightningCLI with the project's defaults (config saved beside the logs, overwritable)."""
+    """LightningCLI with the project's defaults: a run folder, resume, requeue on SIGUSR1."""
+
+    run_dir: Path | None = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="run folder (logs, checkpoints); stable across requeues",
+        )
+        parser.add_argument(
+            "--runs_root", type=str, default="runs", help="parent of generated run folders"
+        )
+        parser.add_argument(
+            "--resume",
+            type=Literal["auto", "never"],
+            default="auto",
+            help="auto: resume from the run folder's newest checkpoint",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config.get(str(self.subcommand), self.config)
+        configs = cfg.get("config") or []
+        config_file = str(configs[0]) if configs else None
+        run_dir = cfg.get("run_dir") or cfg.trainer.get("default_root_dir")
+        self.run_dir = cluster.resolve_run_dir(config_file, run_dir, cfg.get("runs_root", "runs"))
+        place_in_run_dir(cfg, self.run_dir)
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and cfg.get("resume") == "auto":
+            latest = cluster.latest_checkpoint(self.run_dir)
+            if latest is not None:
+                rank_zero_info(f"resuming from {latest}")
+                cfg.ckpt_path = str(latest)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            plugins = cluster.cluster_plugins()
+            if plugins:
+                kwargs.setdefault("plugins", plugins)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.run_dir is not None:
+            trainer.callbacks.append(cluster.RequeueOnSignal(self.run_dir / cluster.CHECKPOINT_DIR))
+        return trainer
 
     def before_fit(self) -> None:
         dm, model = self.datamodule, self.model
@@ -33,6 +77,27 @@ class PretrainCLI(LightningCLI):
                     f"tokenizer {tok_dir} has {n} tokens but model.text.vocab_size is {vocab}: "
                     "raise the vocabulary size of the text encoder"
                 )
+
+
+def place_in_run_dir(cfg: Any, run_dir: Path) -> None:
+    """Point the trainer, its file loggers and its ModelCheckpoints at ``run_dir`` (in place,
+    on the parsed config, so the saved config.yaml says where everything went)."""
+    trainer = cfg.trainer
+    trainer.default_root_dir = str(run_dir)
+    loggers = trainer.get("logger")
+    for lg in loggers if isinstance(loggers, list) else [loggers]:
+        args = getattr(lg, "init_args", None)
+        if args is not None and "save_dir" in args:
+            # one version_<n> per launch/requeue: a requeue never overwrites earlier metrics
+            args.save_dir, args.name = str(run_dir), cluster.LOG_DIR
+            if "version" in args:
+                args.version = None
+    callbacks = trainer.get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        name = str(getattr(cb, "class_path", ""))
+        args = getattr(cb, "init_args", None)
+        if name.endswith("ModelCheckpoint") and args is not None and not args.get("dirpath"):
+            args.dirpath = str(run_dir / cluster.CHECKPOINT_DIR)
 
 
 def build_cli(args: Sequence[str], *, run: bool = True) -> PretrainCLI:
