@@ -150,6 +150,19 @@ def _run_optout_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_governance(sub: argparse._SubParsersAction) -> None:
+    # optout apply, subject, retention, project, dataset merge, audit (after _add_optout)
+    from foundation.governance.cli import add_parsers
+
+    add_parsers(sub)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    from foundation.inspect.cli import add_parsers
+
+    add_parsers(sub)
+
+
 def _add_shards(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="check shards against their manifest")
     ssub = p.add_subparsers(dest="shards_command", required=True)
@@ -211,6 +224,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set data.manifest=path (repeatable)")
+    p.add_argument("--project", default=None,
+                   help="research project id: the dataset must be approved for it")
     _add_key_option(p)
     p.set_defaults(handler=_run_finetune)
 
@@ -248,6 +263,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     config = _merge(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {},
                     _overrides(args.set))
+    from foundation.governance.projects import check_usable
+    from foundation.shards.manifest import Manifest
+
+    manifest_path = (config.get("data") or {}).get("manifest")
+    if manifest_path:  # refuse revoked/purged data, or data not approved for the project
+        check_usable(Manifest.load(manifest_path), args.project)
     try:
         key = load_key(args.key_file)
     except MissingKeyError:
@@ -339,7 +360,9 @@ BUILDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_ingest,
     _add_optout,
+    _add_governance,
     _add_shards,
+    _add_inspect,
     _add_tokenizer,
     _add_pretrain,
     _add_finetune,

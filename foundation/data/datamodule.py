@@ -23,16 +23,15 @@ from foundation.data.transforms import DEFAULT_CT_WINDOWS, eval_transform, train
 from foundation.shards.manifest import Manifest, ManifestError
 
 
-def merge_manifests(paths: list[str]) -> Manifest:
-    """One manifest over several (shard paths made absolute); refuses revoked manifests and
-    mixtures of preprocessing specs or pseudonymisation keys."""
+def merge_manifests(paths: list[str], project: str | None = None) -> Manifest:
+    """One manifest over several (shard paths made absolute); refuses revoked, purged or
+    merged-away manifests, datasets not approved for ``project``, and mixtures of
+    preprocessing specs or pseudonymisation keys."""
+    from foundation.governance.projects import check_usable
+
     manifests = [Manifest.load(p) for p in paths]
     for m in manifests:
-        if m.revoked_by is not None:
-            raise ManifestError(
-                f"{m.location}: dataset {m.dataset} version {m.version} was revoked;"
-                f" use version {m.revoked_by}"
-            )
+        check_usable(m, project)
     if len(manifests) == 1:
         return manifests[0]
     first = manifests[0]
@@ -101,6 +100,7 @@ class ShardDataModule(L.LightningDataModule):
         on_error: Literal["skip", "raise"] = "skip",
         shard_url: str | None = None,
         pin_memory: bool = True,
+        project: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +120,8 @@ class ShardDataModule(L.LightningDataModule):
         )
         self.val_fraction, self.shuffle_block = val_fraction, shuffle_block
         self.on_error, self.shard_url, self.pin_memory = on_error, shard_url, pin_memory
+        # the research project this run serves: the dataset must be approved for it
+        self.project = project
         # A tokenizer callable may also be set directly (the lead's code passes one).
         self.tokenize: Callable[[list[str]], Any] | None = None
         self._manifest: Manifest | None = None
@@ -130,7 +132,7 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def manifest(self) -> Manifest:
         if self._manifest is None:
-            self._manifest = merge_manifests(self.manifest_paths)
+            self._manifest = merge_manifests(self.manifest_paths, self.project)
         return self._manifest
 
     @property
@@ -148,6 +150,8 @@ class ShardDataModule(L.LightningDataModule):
         return {
             "dataset": m.dataset,
             "version": m.version,
+            "manifest_version": m.version,
+            "project": self.project,
             "key_id": m.key_id,
             "preprocessing": dict(m.preprocessing),
             "exclusion_version": epoch_state.get("exclusion_version"),

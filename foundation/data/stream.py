@@ -82,6 +82,13 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
 
 
+def manifest_key_ids(manifest: Any) -> set[str]:
+    """Key fingerprints of a dataset (several for one merged from several centres)."""
+    from foundation.governance.merge import manifest_key_ids as ids
+
+    return set(ids(manifest))
+
+
 def _load_exclusion_list(path: str) -> Any:
     from foundation.privacy.exclusion import ExclusionList  # another module of the project
 
@@ -217,7 +224,7 @@ class ShardStream(IterableDataset):
         else:
             raise RuntimeError(f"{self.exclusion}: ranks keep reading different versions")
         key_id = getattr(lst, "key_id", None)
-        if key_id and self.manifest.key_id and key_id != self.manifest.key_id:
+        if key_id and self.manifest.key_id and key_id not in manifest_key_ids(self.manifest):
             raise ValueError(
                 f"{self.exclusion}: made under another pseudonymisation key than the manifest"
             )

@@ -17,6 +17,7 @@ or accept a resume that is exact up to dropout noise; the data position is the d
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import time
 from dataclasses import asdict
@@ -259,4 +260,6 @@ class PretrainModule(L.LightningModule):
         checkpoint["foundation"] = {
             "code_version": foundation.__version__,
             "lineage": self.lineage(),
+            # when the weights were saved: `foundation audit run` lists requests that came after
+            "saved": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         }
