@@ -147,6 +147,7 @@ FALLBACK: dict[str, dict[str, str]] = {
         "on_error": "skip (log) or raise on an unreadable sample",
         "shard_url": "URL template for remote shards (webdataset pipe:)",
         "pin_memory": "pin host memory of batches",
+        "project": "project id; the dataset must be approved for it (`foundation project`)",
     },
 }
 

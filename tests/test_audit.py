@@ -101,7 +101,6 @@ def test_audit_run_reports_requests_after_the_checkpoint(tmp_path: Path) -> None
 
 def test_optout_import_and_apply_through_the_cli_are_audited(tmp_path: Path, capsys) -> None:
     from foundation.cli import build_parser
-    from foundation.governance.cli import add_parsers
 
     ds = build_toy_dataset(tmp_path / "ds", n_patients=4)
     key_file = tmp_path / "key.txt"
@@ -109,8 +108,7 @@ def test_optout_import_and_apply_through_the_cli_are_audited(tmp_path: Path, cap
     requests = tmp_path / "requests.csv"
     pid = ds.patient_ids[2]
     requests.write_text(f"patient_id,request_type,date_received\n{pid},erasure,2025-02-03\n")
-    parser = build_parser()
-    add_parsers(next(a for a in parser._actions if a.dest == "command"))
+    parser = build_parser()  # the real `foundation` parser, governance commands included
     lst, log = tmp_path / "exclusion_list.json", tmp_path / "audit.jsonl"
     for argv in (
         [
