@@ -212,10 +212,15 @@ class Demo:
         }
 
 
+TABLE_SKIPS = frozenset({"per_label", "checkpoint"})
+
+
 def _summary_rows(demo: Demo) -> list[tuple[str, str, str]]:
     rows: list[tuple[str, str, str]] = []
     for stage, figures in demo.stages.items():
         for name, value in figures.items():
+            if name in TABLE_SKIPS:  # long or nested: in summary.json only
+                continue
             if isinstance(value, dict) and stage == "finetune":
                 value = (
                     f"{value['metric']}: pretrained {_num(value['pretrained'])} "

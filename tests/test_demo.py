@@ -1,0 +1,44 @@
+"""Smoke test of `foundation demo`: every stage end to end, on a small cohort, in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from foundation.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--patients", "10", "--quick"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    stages = summary["stages"]
+    assert {"ingest", "optout", "pretrain", "finetune"} <= set(stages)
+
+    ingest = stages["ingest"]
+    assert ingest["samples"] == sum(ingest["by_modality"].values()) > 0
+    assert ingest["skipped"] == sum(ingest["skipped_by_reason"].values()) >= 3
+
+    assert stages["scrubbing"]["leaks"] == 0 and stages["scrubbing"]["recall"] == 1.0
+    assert stages["optout"]["excluded_patients"] >= 1
+    assert stages["optout"]["excluded_samples"] >= stages["optout"]["excluded_patients"]
+
+    pretrain = stages["pretrain"]
+    assert pretrain["steps"] > 0 and (out / "runs" / "pretrain" / "final.ckpt").is_file()
+    n = stages["evaluate"]["heldout_studies"]
+    assert pretrain["chance_r1"] == pytest.approx(1.0 / n)
+    for key in ("retrieval_r1", "retrieval_r1_random_init"):
+        assert 0.0 <= pretrain[key] <= 1.0
+
+    assert set(stages["finetune"]) == {"calcium_score", "cardiothoracic_ratio", "cardiomegaly"}
+    for task in stages["finetune"].values():
+        assert task["metric"] in ("mae", "auroc")
+    assert (out / "finetune" / "results.md").is_file()
+
+    printed = capsys.readouterr().out
+    assert "foundation demo" in printed and "retrieval_r1" in printed
+    # the throw-away key never reaches the summary or the console
+    secret = (out / "keys" / "demo.key").read_text().strip()
+    assert secret not in printed and secret not in json.dumps(summary)
