@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from foundation.progress import print_summary
+from foundation.progress import format_value, print_summary
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -233,11 +233,7 @@ def _summary_rows(demo: Demo) -> list[tuple[str, str, str]]:
 
 
 def _num(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}: {_num(x)}" for k, x in v.items()) or "-"
-    return "-" if v is None else str(v)
+    return format_value(v, digits=3)
 
 
 def _ci(ci: Any) -> str:

@@ -51,7 +51,7 @@ def summary_table(title: str, rows: Mapping[str, Any] | list[tuple[str, ...]], *
         table.add_column(col, overflow="fold")
     items = rows.items() if isinstance(rows, Mapping) else rows
     for row in items:
-        table.add_row(*(_fmt(v) for v in row))
+        table.add_row(*(format_value(v) for v in row))
     return table
 
 
@@ -61,9 +61,10 @@ def print_summary(title: str, rows: Mapping[str, Any] | list[tuple[str, ...]], *
     Console().print(summary_table(title, rows, columns=columns))
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
+    """A table cell: floats to ``digits`` significant digits, mappings as ``k: v`` lists."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "-"
+        return ", ".join(f"{k}: {format_value(v, digits)}" for k, v in value.items()) or "-"
     return "-" if value is None else str(value)

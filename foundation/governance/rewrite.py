@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from foundation.atomic import write_json_atomic
 from foundation.governance import audit
 from foundation.governance.redact import (
     JOURNAL_SUFFIX,
@@ -89,17 +90,6 @@ def versioned_name(shard_path: str, version: int) -> str:
     if dot and tail.isdigit():
         stem = head
     return f"{stem}.v{version}.tar"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Temporary file in the same folder, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -8,11 +8,13 @@ load with ``local_files_only=True``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel
+
+from foundation.models.config import config_from_any
 
 # (hidden, layers, heads, intermediate)
 _PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -54,19 +56,8 @@ class TextConfig:
 
     @classmethod
     def from_any(cls, value: TextConfig | dict | None) -> TextConfig:
-        """Accept a config, a dict of fields (optionally with ``preset``), or None (base)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            value = dict(value)
-            preset = value.pop("preset", None)
-            unknown = set(value) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"unknown text config fields: {sorted(unknown)}")
-            return cls.preset(preset, **value) if preset else cls(**value)
-        raise TypeError(f"text config must be TextConfig, dict or None, not {type(value)}")
+        """Accept a config, a dict of fields (optionally with ``preset``), or None (defaults)."""
+        return config_from_any(cls, value, "text")
 
 
 class TextEncoder(nn.Module):

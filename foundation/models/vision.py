@@ -17,12 +17,14 @@ the data side stacks the windows as channels; nothing here changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from foundation.models.config import config_from_any
 
 # (dim, depth, heads): tiny is for CPU tests; small/base/large follow ViT-S/B/L.
 _PRESETS: dict[str, tuple[int, int, int]] = {
@@ -61,19 +63,8 @@ class VisionConfig:
 
     @classmethod
     def from_any(cls, value: VisionConfig | dict | None) -> VisionConfig:
-        """Accept a config, a dict of fields (optionally with ``preset``), or None (base)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            value = dict(value)
-            preset = value.pop("preset", None)
-            unknown = set(value) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"unknown vision config fields: {sorted(unknown)}")
-            return cls.preset(preset, **value) if preset else cls(**value)
-        raise TypeError(f"vision config must be VisionConfig, dict or None, not {type(value)}")
+        """Accept a config, a dict of fields (optionally with ``preset``), or None (defaults)."""
+        return config_from_any(cls, value, "vision")
 
 
 @dataclass

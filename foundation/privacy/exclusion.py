@@ -17,12 +17,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from foundation.atomic import write_json_atomic
 from foundation.privacy.pseudonym import PseudonymKey
 
 REQUEST_TYPES = ("opposition", "erasure")
@@ -166,17 +166,7 @@ class ExclusionList:
             "counts": self.counts,
             "entries": [e.__dict__ for e in self.entries],
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, data)
 
     # -- requests --------------------------------------------------------------------------
 

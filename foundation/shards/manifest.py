@@ -1,6 +1,8 @@
 """The manifest of a shard dataset: what was built, from what, and what each shard holds.
 
-One JSON file per dataset version (``data_manifests/<dataset>-v<version>.json``). It records the
+One JSON file per dataset version: the current one is ``data_manifests/<dataset>.json``; an
+erasure or rectification archives the version it supersedes as ``<dataset>.v<N>.json`` with
+``revoked_by`` set (see ``foundation.governance.rewrite``). It records the
 lineage an audit needs (code version, key fingerprint, preprocessing spec, exclusion-list version
 applied at build time) and, per shard, the facts the rest of the pipeline relies on without
 opening the shard: sample count, size, sha256, modalities, dims, and the patient pseudonyms it
@@ -12,14 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import foundation
+from foundation.atomic import write_json_atomic
 
 SCHEMA_VERSION = 1
 
@@ -125,19 +126,7 @@ class Manifest:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file in the same folder, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = write_json_atomic(path, self.to_dict(), sort_keys=False)
         self.location = path.resolve()
         return path
 
