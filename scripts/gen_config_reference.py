@@ -51,7 +51,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     (
         "pretrain: trainer.strategy (FSDP)",
         "foundation.training.cluster:TransformerFSDPStrategy",
-        "`class_path: foundation.training.cluster.TransformerFSDPStrategy` (+ FSDPStrategy args)",
+        "`class_path: foundation.training.cluster.TransformerFSDPStrategy` (+ ModelParallelStrategy args)",
     ),
     (
         "ingest",

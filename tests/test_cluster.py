@@ -263,20 +263,16 @@ def test_torchrun_two_nodes_then_one_process_resumes(tiny_dataset, tmp_path):  #
 
 
 def test_fsdp_strategy_wraps_every_transformer_block():
+    """Settings only; tests/test_fsdp.py trains, saves sharded and resumes on CPU (gloo)."""
     from transformers.models.bert.modeling_bert import BertLayer
 
     from foundation.models.vision import Block
 
     s = cluster.TransformerFSDPStrategy(activation_checkpointing=True)
     assert s._state_dict_type == "sharded"
-    policy = s.kwargs["auto_wrap_policy"]
-    assert policy._module_classes == {Block, BertLayer}
-    assert s._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {
-        Block,
-        BertLayer,
-    }
+    assert s.block_classes == {Block, BertLayer} and s.activation_checkpointing
     off = cluster.TransformerFSDPStrategy(activation_checkpointing=False, state_dict_type="full")
-    assert off._activation_checkpointing_kwargs == {} and off._state_dict_type == "full"
+    assert not off.activation_checkpointing and off._state_dict_type == "full"
 
 
 @pytest.mark.parametrize("name", ["tiny", "ct_base", "multimodal_large"])

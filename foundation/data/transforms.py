@@ -5,8 +5,12 @@ Input: the stored array (3D ``(X, Y, Z)`` RAS, 2D ``(H, W)``; CT int16 HU, MR/XR
 intensity window. ``C`` is the same for every modality (1, or one per CT window with
 ``multi_window``; MR/XR are repeated) so 2D or 3D batches can mix modalities.
 
-Training crops before it windows: on a 512x512x160 CT the window then touches a crop, not the
-volume. Randomness comes from one ``RandomState`` shared by the sub-transforms;
+Training crops before it converts or windows: the 3D crop is a view of the stored array (the
+crop box drawn by MONAI's ``get_random_patch``, as ``RandSpatialCropSamples`` draws it), flipped as
+a view too, and one pass converts it to float32 while subtracting the window's low end; on a
+512x512x160 CT only the crop is touched (MONAI's crop/flip transforms on a ``MetaTensor`` cost
+more than the arithmetic here). Randomness comes from one ``RandomState`` shared by the
+sub-transforms;
 ``set_random_state(seed)`` makes a sample's augmentation a function of its seed alone, which the
 stream uses for exact resume (seed = hash of seed, epoch, key).
 """
@@ -19,14 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import (
-    Flip,
-    RandScaleCrop,
-    RandSpatialCropSamples,
-    Resize,
-    ResizeWithPadOrCrop,
-    SpatialPad,
-)
+from monai.data.utils import get_random_patch, get_valid_patch_size
+from monai.transforms import RandScaleCrop, Resize, ResizeWithPadOrCrop, SpatialPad
 
 # (level, width) in HU: mediastinum (soft tissue), lung, bone. The first is the eval default.
 DEFAULT_CT_WINDOWS: tuple[tuple[float, float], ...] = (
@@ -51,14 +49,26 @@ def _intensity(
     CT: one channel per window ``level +- width/2``, clipped. Written as in-place tensor ops
     into one preallocated output (MONAI's ScaleIntensityRange allocates a volume per
     arithmetic step: 5x slower on a 128x128x64 crop; same result)."""
+    return _intensity_np(x[0].numpy(), modality, windows, channels)
+
+
+def _intensity_np(
+    x: np.ndarray, modality: str, windows: Sequence[tuple[float, float]], channels: int
+) -> torch.Tensor:
+    """``_intensity`` of a stored-dtype array ``(*S)``, which may be a strided view (a crop,
+    flipped by negative strides): the conversion to float32 is the only copy."""
     if modality == "CT":
-        out = torch.empty((len(windows), *x.shape[1:]), dtype=torch.float32)
+        out = torch.empty((len(windows), *x.shape), dtype=torch.float32)
+        o = out.numpy()
         for c, (level, width) in enumerate(windows):
-            torch.sub(x[0], level - width / 2.0, out=out[c])  # int16 HU -> float32
-            out[c].div_(width).clamp_(0.0, 1.0)
+            # int16 -> float32 minus the low end, in float32 as torch.sub computed it
+            np.subtract(x, np.float32(level - width / 2.0), out=o[c], dtype=np.float32)
+            out[c].div_(width).clamp_(0.0, 1.0)  # torch: the same rounding as before
         return out
-    x = x.float().clamp_(0.0, 1.0)
-    return x if channels == 1 else x.expand(channels, *x.shape[1:]).contiguous()
+    out = torch.empty((1, *x.shape), dtype=torch.float32)
+    out.numpy()[0] = x
+    out.clamp_(0.0, 1.0)
+    return out if channels == 1 else out.expand(channels, *x.shape).contiguous()
 
 
 class TrainTransform:
@@ -84,7 +94,6 @@ class TrainTransform:
         self.channels = len(self.ct_windows) if multi_window else 1
         self.crops_per_volume = crops_per_volume
         if dims == 3:  # fixed-size crops of the volume (padded where it is smaller)
-            self.crop = RandSpatialCropSamples(self.crop_size, num_samples=crops_per_volume)
             self.pad = SpatialPad(self.crop_size)
         else:  # RandomResizedCrop analogue: an area fraction in [min_scale, 1], resized
             self.crop2d = RandScaleCrop(min_scale_2d, max_roi_scale=1.0, random_size=True)
@@ -96,9 +105,8 @@ class TrainTransform:
     def set_random_state(self, seed: int | None) -> None:
         """Reseed every random sub-transform from one stream (deterministic augmentation)."""
         self.R = np.random.RandomState(None if seed is None else seed % (2**32))
-        for name in ("crop", "crop2d"):
-            if hasattr(self, name):
-                getattr(self, name).set_random_state(state=self.R)
+        if hasattr(self, "crop2d"):
+            self.crop2d.set_random_state(state=self.R)
 
     def _windows(self) -> list[tuple[float, float]]:
         chosen = (
@@ -112,24 +120,47 @@ class TrainTransform:
             out.append((lv + self.R.uniform(-LEVEL_JITTER, LEVEL_JITTER) * wd, w))
         return out
 
+    def _flip_axes(self) -> list[int]:
+        """Each spatial axis flipped with probability 1/2."""
+        if not self.flips:
+            return []
+        return [a for a in range(self.dims) if self.R.random_sample() < 0.5]
+
     def __call__(self, image: np.ndarray, meta: dict[str, Any]) -> list[torch.Tensor]:
         """Stored array -> ``crops_per_volume`` tensors ``(C, *crop_size)`` float32 (3D);
         2D gives ``crops_per_volume`` crops too."""
         if image.ndim != self.dims:
             raise ValueError(f"expected a {self.dims}D image, got shape {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, *S), stored dtype
-        if self.dims == 3:
-            crops = [self.pad(c) for c in self.crop(x)]
-        else:
-            crops = [self.resize(self.crop2d(x.float())) for _ in range(self.crops_per_volume)]
-        out = []
         modality = meta.get("modality", "CT")
-        for c in crops:
-            c = _intensity(_plain(c), modality, self._windows(), self.channels)
-            if self.flips:  # each axis flipped with probability 1/2, in one copy
-                axes = [a for a in range(self.dims) if self.R.random_sample() < 0.5]
-                c = Flip(spatial_axis=axes)(c) if axes else c
-            out.append(_plain(c).contiguous())
+        if self.dims == 2:
+            x = torch.from_numpy(np.ascontiguousarray(image))[None]  # (1, H, W), stored dtype
+            # every crop drawn first, then per crop its window(s) and flips (the draw order
+            # fixes the augmentation of a seed); crop in the stored dtype, then float
+            crops = [self.crop2d(x) for _ in range(self.crops_per_volume)]
+            out = []
+            for c in crops:
+                c = _plain(self.resize(_plain(c).float()))
+                c = _intensity(c, modality, self._windows(), self.channels)
+                axes = self._flip_axes()
+                out.append(torch.flip(c, [a + 1 for a in axes]) if axes else c)
+            return out
+        # 3D: every crop box is drawn first (as RandSpatialCropSamples did), then per crop its
+        # window(s) and flips: the same draws from self.R, so the same augmentation per seed.
+        size = get_valid_patch_size(image.shape, self.crop_size)
+        boxes = [get_random_patch(image.shape, size, self.R) for _ in range(self.crops_per_volume)]
+        out = []
+        for box in boxes:
+            windows = self._windows()
+            axes = self._flip_axes()
+            view = image[box]  # (X', Y', Z') view, stored dtype
+            if size != self.crop_size:  # volume smaller than the crop: MONAI's zero pad
+                padded = self.pad(torch.from_numpy(np.ascontiguousarray(view))[None])
+                view = _plain(padded)[0].numpy()
+            if axes:  # a flipped view: the conversion below makes the one copy
+                view = view[
+                    tuple(slice(None, None, -1) if a in axes else slice(None) for a in range(3))
+                ]
+            out.append(_intensity_np(view, modality, windows, self.channels))
         return out
 
 

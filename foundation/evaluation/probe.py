@@ -25,11 +25,14 @@ import torch
 from torch import Tensor
 
 from foundation.data.labels import LabelTable, select_samples
+from foundation.evaluation.linear_probe import fit_linear_probe
+from foundation.evaluation.splits import SPLIT_NAMES, Split, make_kfold
 from foundation.models.export import LoadedEncoder, manifest_version
 from foundation.models.heads import TaskSpec, make_head
 from foundation.sample import MODALITIES, Sample
 
 CACHE_FORMAT = 1
+POOLED = -1  # split.fold value: run every fold and pool the out-of-fold predictions
 
 
 # ---- embedding cache --------------------------------------------------------------------------
@@ -219,36 +222,105 @@ def run_probe_job(
         raise ValueError(
             f"{d.manifest}: no {d.modality} study joins the label table ({table.source})"
         )
-    split = ft.make_run_split(cfg, study_patient)
-    index = {s: i for i, s in enumerate(studies)}
+    return fit_probes(cfg, studies, x, study_patient, rows)
+
+
+def fit_probes(
+    cfg: Any,
+    studies: list[str],
+    x: np.ndarray,
+    study_patient: dict[str, str],
+    rows: dict[str, dict],
+) -> dict[str, Any]:
+    """Fit the config's probes on study embeddings ``x`` (n, D) and predict held-out studies.
+
+    ``split.kfold > 1`` with ``split.fold == POOLED``: one probe per fold, fitted on the other
+    folds' patients, predicts its fold, so every study gets one out-of-fold prediction; else
+    the test studies of the config's split. Returns ``{"split", "predictions", "rows",
+    "losses", "probe"}`` (predictions: ``{task: {study: decoded prediction}}``).
+    """
+    from foundation.training import finetune as ft
+
     ft.fit_classes(cfg.tasks, rows.values())
-    hidden = cfg.encoder.probe_hidden if cfg.encoder.freeze == "mlp_probe" else 0
-    predictions: dict[str, dict[str, list]] = {}
-    losses: dict[str, list[float]] = {}
-    tr = np.array([index[s] for s in sorted(split.of("train"))], int)
-    va = np.array([index[s] for s in sorted(split.of("val"))], int)
-    te = np.array([index[s] for s in sorted(split.of("test"))], int)
-    for t in cfg.tasks:
-        # Missing targets stay NaN: the task loss masks them out.
-        t.fit_normalisation(
-            [rows[s][t.column] for s in split.of("train")] if t.type == "regression" else []
+    groups = np.array([study_patient[s] for s in studies])
+    k = cfg.split.kfold
+    if k and k > 1 and cfg.split.fold == POOLED:
+        # Every study is predicted once, by a probe fitted on the other folds' patients.
+        folds = make_kfold(study_patient, k, cfg.split.seed)
+        split = Split(
+            studies={f"fold{i}": f.studies["test"] for i, f in enumerate(folds)},
+            patients={f"fold{i}": f.patients["test"] for i, f in enumerate(folds)},
+            seed=cfg.split.seed,
+            method=f"kfold:{k}:pooled",
         )
-        targets = np.array([t.encode(rows[s]) for s in studies], float)
-        predict, losses[t.name] = fit_probe(
-            x[tr],
-            targets[tr],
+    else:
+        folds = [ft.make_run_split(cfg, study_patient)]
+        split = folds[0]
+    index = {s: i for i, s in enumerate(studies)}
+    predictions: dict[str, dict[str, list]] = {t.name: {} for t in cfg.tasks}
+    losses: dict[str, list] = {t.name: [] for t in cfg.tasks}
+    chosen: dict[str, list] = {t.name: [] for t in cfg.tasks}
+    for fold in folds:
+        part = {n: np.array([index[s] for s in sorted(fold.of(n))], int) for n in SPLIT_NAMES}
+        for t in cfg.tasks:
+            pred, info = _fit_predict(cfg, t, x, groups, rows, studies, part)
+            predictions[t.name].update(pred)
+            losses[t.name].append(info.get("losses") or info.get("cv_loss"))
+            if "lambda" in info:
+                chosen[t.name].append(info["lambda"])
+    if len(folds) == 1:
+        losses = {n: v[0] for n, v in losses.items()}
+    probe = {"kind": cfg.encoder.freeze, "lambda": chosen} if any(chosen.values()) else None
+    return {
+        "split": split,
+        "predictions": predictions,
+        "rows": rows,
+        "losses": losses,
+        "probe": probe,
+    }
+
+
+def _fit_predict(
+    cfg: Any,
+    t: TaskSpec,
+    x: np.ndarray,
+    groups: np.ndarray,
+    rows: dict[str, dict],
+    studies: list[str],
+    part: dict[str, np.ndarray],
+) -> tuple[dict[str, list], dict]:
+    """One probe on one split (``part``: row indices per split name) -> test predictions.
+
+    Linear probes fit on train + val with the penalty chosen by inner patient-grouped CV;
+    MLP probes fit on train and keep the weights of the best validation loss.
+    """
+    linear = cfg.encoder.freeze == "linear_probe"
+    fit = np.concatenate([part["train"], part["val"]]) if linear else part["train"]
+    # Regression targets are standardised on the rows the probe is fitted on (this fold's).
+    t.fit_normalisation([rows[studies[i]][t.column] for i in fit] if t.type == "regression" else [])
+    targets = np.array([t.encode(rows[s]) for s in studies], float)  # NaN = missing
+    if linear:
+        predict, info = fit_linear_probe(
+            x[fit], targets[fit], groups[fit].tolist(), t, seed=cfg.train.seed
+        )
+    else:
+        va = part["val"]
+        predict, curve = fit_probe(
+            x[fit],
+            targets[fit],
             x[va],
             targets[va],
             t,
-            hidden,
+            cfg.encoder.probe_hidden,
             cfg.train.probe_steps,
             cfg.train.lr,
             cfg.train.weight_decay,
             cfg.train.seed,
         )
-        pred = predict(x[te]) if len(te) else np.zeros((0, t.out_features))
-        predictions[t.name] = {studies[i]: p.tolist() for i, p in zip(te, pred, strict=True)}
-    return {"split": split, "predictions": predictions, "rows": rows, "losses": losses}
+        info = {"losses": curve}
+    te = part["test"]
+    pred = predict(x[te]) if len(te) else np.zeros((0, t.out_features))
+    return {studies[i]: p.tolist() for i, p in zip(te, pred, strict=True)}, info
 
 
 # ---- suite: pretrained vs random init ---------------------------------------------------------
@@ -257,6 +329,16 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
     for p in path:
         cfg = cfg.setdefault(p, {})
     cfg[last] = value
+
+
+def evaluation_mode(split: dict[str, Any]) -> str:
+    """How a config's metrics are computed, in words (``split``: its split section)."""
+    k, fold = split.get("kfold") or 0, split.get("fold", 0)
+    if k > 1 and fold == POOLED:
+        return f"{k}-fold patient-level cross-validation, pooled out-of-fold predictions"
+    if k > 1:
+        return f"fold {fold} of a {k}-fold patient-level split"
+    return "patient-level test split"
 
 
 def run_probe_suite(
@@ -275,13 +357,18 @@ def run_probe_suite(
     vision: dict | None = None,
     samples_fn: Callable[[], Iterable[Sample]] | None = None,
     transform: Callable[[np.ndarray, dict], Tensor] | None = None,
+    kfold: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Probe every task on the pretrained encoder (if given) and on a random init of it.
 
     ``tasks``: finetune configs (paths, dicts or FinetuneConfig). ``overrides``: dotted config
-    keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). Returns per task
-    ``{"metric", "type", "n_test", "pretrained", "pretrained_ci", "random_init",
-    "random_init_ci", "metrics"}`` and writes ``out_dir/results.{md,json}`` and plots.
+    keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). ``kfold``: ``k > 1``
+    evaluates by patient-level k-fold cross-validation: a probe per fold, fitted on the other
+    folds, predicts its fold, and the metrics and bootstrap intervals are computed on the
+    pooled out-of-fold predictions of every study; else on each config's test split. Returns
+    per task ``{"metric", "type", "evaluation", "n_test", "pretrained", "pretrained_ci",
+    "random_init", "random_init_ci", "metrics"}`` and writes ``out_dir/results.{md,json}``
+    and plots.
     """
     from foundation.evaluation.report import write_report
     from foundation.training.finetune import FinetuneConfig, run_finetune
@@ -301,8 +388,11 @@ def run_probe_suite(
             base["encoder"]["vision"] = vision
         base["eval"].update(n_bootstrap=n_bootstrap, seed=seed)
         base["cache_dir"] = str(cache_dir or out / "embedding_cache")
+        if kfold is not None and kfold > 1:
+            base["split"].update(kfold=int(kfold), fold=POOLED)
         for dotted, value in (overrides or {}).items():
             _set(base, dotted, value)
+        evaluation = evaluation_mode(base["split"])
         for init in inits:
             cfg = copy.deepcopy(base)
             cfg["encoder"]["init"] = "pretrained" if init == "pretrained" else "random"
@@ -316,6 +406,7 @@ def run_probe_suite(
                     {
                         "metric": tr["metric"],
                         "type": tr["type"],
+                        "evaluation": evaluation,
                         "n_test": tr["n_test"],
                         "pretrained": None,
                         "pretrained_ci": None,

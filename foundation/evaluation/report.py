@@ -31,12 +31,13 @@ def _fmt(value: float | None, ci: list[float] | None = None) -> str:
 
 def results_markdown(summary: dict[str, dict[str, Any]], title: str = "Biomarker probes") -> str:
     """The Markdown report: headline table, then all metrics per task."""
+    modes = sorted({r.get("evaluation") or "patient-level test split" for r in summary.values()})
     lines = [
         f"# {title}",
         "",
-        "Test split, patient-level; 95% percentile bootstrap intervals in brackets.",
+        f"Evaluation: {'; '.join(modes)}. 95% percentile bootstrap intervals in brackets.",
         "",
-        "| task | metric | n test | pretrained [CI] | random init [CI] |",
+        "| task | metric | n evaluated | pretrained [CI] | random init [CI] |",
         "| --- | --- | ---: | --- | --- |",
     ]
     for name, r in summary.items():
@@ -127,7 +128,7 @@ def plot_task(
         ax.set_ylim(-0.01, 1.01)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        ax.set_title(f"{name}: ROC on the test split")
+        ax.set_title(f"{name}: ROC on held-out patients")
         ax.legend(loc="lower right", frameon=False)
         ax.grid(alpha=0.3)
     fig.tight_layout()

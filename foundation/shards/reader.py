@@ -1,26 +1,38 @@
 """Read shards back: raw tar samples (for the stream) and decoded ``Sample`` objects (for tools).
 
-Tar iteration is webdataset's (``url_opener -> tar_file_expander -> group_by_keys``), so local
-paths and ``pipe:`` URLs both work. Corruption (truncated tar, unreadable entry, sample missing
-a part) surfaces as ``ShardReadError`` naming the shard and the reason, never a sample's content.
+The tar reader is our own (tarfile's stream mode copies every payload twice, through 10 KiB
+reads): 512-byte headers are parsed by ``tarfile.TarInfo`` (pax and GNU long names included),
+small parts are read whole, and ``img.npy`` is read with ``readinto`` straight into the buffer
+the decoded array views (one copy, from the kernel). On a local file the image is read only
+when ``load_image`` asks for it, so a filter that reads ``meta.json`` only seeks past the image
+bytes. ``pipe:`` URLs (webdataset's ``gopen``) read sequentially, the image eagerly.
+
+Corruption (truncated tar, missing end-of-archive marker, bad header, sample missing a part)
+surfaces as ``ShardReadError`` naming the shard and the reason, never a sample's content.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from webdataset import tariterators
+from numpy.lib import format as npy_format
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 
 from foundation.sample import Sample
 from foundation.shards.manifest import Manifest
 
 REQUIRED_PARTS = ("img.npy", "meta.json")
+BLOCK = tarfile.BLOCKSIZE  # 512
+SKIP_CHUNK = 1 << 20  # discarding a payload from a pipe: 1 MiB reads into one scratch buffer
 
 
 class ShardReadError(RuntimeError):
@@ -32,51 +44,195 @@ class ShardReadError(RuntimeError):
         self.reason = reason
 
 
-def _reraise(exn: Exception) -> bool:
-    raise exn
+class _Truncated(EOFError):
+    pass
 
 
-READ_CHUNK = 1 << 20  # tarfile's stream mode reads 10 KiB at a time by default: slow for volumes
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
 
 
-def _tar_files(url: str) -> Iterator[dict[str, Any]]:
-    """``{"fname", "data", "__url__"}`` per regular member: webdataset's ``tar_file_iterator``
-    with 1 MiB reads instead of 10 KiB (the stream is opened by webdataset's ``gopen``)."""
-    for source in tariterators.url_opener([{"url": url}], handler=_reraise):
-        stream = source["stream"]
+class _TarStream:
+    """A tar byte stream read exactly: what ``TarInfo.fromtarfile`` needs of a ``TarFile``
+    (``fileobj`` with ``read``/``tell``, ``pax_headers``, ``encoding``, ``errors``) plus
+    ``readinto`` and ``skip`` (a seek when the file allows it)."""
+
+    encoding = tarfile.ENCODING
+    errors = "surrogateescape"
+
+    def __init__(self, raw: Any, seekable: bool) -> None:
+        self.raw = raw  # FileIO (local) or a buffered pipe: both have readinto
+        self.seekable = seekable
+        self.pos = 0
+        self.offset = 0  # set by TarInfo._proc_builtin; unused
+        self.pax_headers: dict[str, str] = {}
+        self.fileobj = self
+        self._scratch: bytearray | None = None
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, view: memoryview) -> None:
+        got, n = 0, len(view)
+        while got < n:  # pipes (and some file systems) return short reads
+            k = self.raw.readinto(view[got:])
+            if not k:
+                raise _Truncated("unexpected end of data")
+            got += k
+        self.pos += n
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        got = 0
+        with memoryview(buf) as view:
+            while got < n:
+                k = self.raw.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+        self.pos += got
+        return bytes(buf[:got]) if got < n else bytes(buf)
+
+    def skip(self, n: int) -> None:
+        if self.seekable:
+            self.pos = self.raw.seek(n, os.SEEK_CUR)
+            return
+        if self._scratch is None:
+            self._scratch = bytearray(SKIP_CHUNK)
+        with memoryview(self._scratch) as view:
+            while n > 0:
+                k = min(n, SKIP_CHUNK)
+                self.readinto(view[:k])
+                n -= k
+
+    def read_at(self, offset: int, size: int) -> np.ndarray:
+        """``size`` bytes at ``offset`` into a new uint8 array; the position is kept."""
+        here = self.pos
+        self.raw.seek(offset)
+        self.pos = offset
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_CHUNK) as tar:
-                for info in tar:
-                    if info.isreg():
-                        data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                        yield {"fname": info.name, "data": data, "__url__": url}
-                    tar.members = []  # stream mode: keep no member list
+            return self.read_array(size)
         finally:
-            stream.close()
+            self.pos = self.raw.seek(here)
+
+    def read_array(self, size: int) -> np.ndarray:
+        out = np.empty(size, dtype=np.uint8)  # the decoded image will view this buffer
+        with memoryview(out) as view:
+            self.readinto(view)
+        return out
+
+
+class NpyPart:
+    """An ``.npy`` member: bytes already read (pipe) or a place in a local shard, read when
+    ``load_image`` asks (valid while the shard iterator that produced it is open)."""
+
+    __slots__ = ("_stream", "data", "offset", "size")
+
+    def __init__(self, size: int, data: np.ndarray | None, stream: _TarStream | None, offset: int):
+        self.size, self.data, self._stream, self.offset = size, data, stream, offset
+
+    def read(self) -> np.ndarray:
+        """The member's bytes as a uint8 array (``OSError``/``EOFError`` if unreadable)."""
+        if self.data is None:
+            if self._stream is None or self._stream.raw.closed:
+                raise OSError("image read after its shard iterator was closed")
+            self.data = self._stream.read_at(self.offset, self.size)
+        return self.data
+
+
+def _open(url: str) -> tuple[Any, Any, bool]:
+    """(object to close, object with readinto, seekable) for a local path or a gopen URL."""
+    if url.startswith("pipe:") or "://" in url:
+        stream = gopen(url, "rb")
+        raw = getattr(stream, "stream", stream)  # webdataset's Pipe wraps proc.stdout
+        return stream, raw, False
+    raw = open(url, "rb", buffering=0)  # noqa: SIM115 (closed by iter_shard)
+    return raw, raw, True
+
+
+def _iter_parts(ts: _TarStream, url: str) -> Iterator[tuple[str, Any]]:
+    """(name, value) of each regular member; ``.npy`` values are ``NpyPart``s."""
+    while True:
+        try:
+            info = tarfile.TarInfo.fromtarfile(ts)  # type: ignore[arg-type]
+        except tarfile.EOFHeaderError:
+            return  # a zero block: the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            raise _Truncated("no end-of-archive marker") from None
+        except tarfile.TruncatedHeaderError:
+            raise _Truncated("truncated header") from None
+        size = info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0
+        base = info.name.rsplit("/", 1)[-1]
+        if not info.isreg() or (base.startswith("__") and base.endswith("__")):
+            ts.skip(_padded(size))
+            continue
+        if info.name.endswith(".npy"):
+            if ts.seekable:
+                part = NpyPart(size, None, ts, ts.pos)
+                ts.skip(_padded(size))
+            else:
+                part = NpyPart(size, ts.read_array(size), None, ts.pos)
+                ts.skip(_padded(size) - size)
+            yield info.name, part
+        else:
+            data = ts.read(_padded(size))
+            if len(data) < _padded(size):
+                raise _Truncated("unexpected end of data")
+            yield info.name, data[:size]
+
+
+def _group(parts: Iterator[tuple[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key -> one sample dict (webdataset's convention)."""
+    current: dict[str, Any] | None = None
+    for fname, value in parts:
+        prefix, suffix = base_plus_ext(fname)
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": url}
+        if suffix in current:
+            raise ValueError(f"duplicate file name in tar file: {suffix}")
+        current[suffix] = value
+    if current is not None:
+        yield current
+
+
+def _shard_name(url: str) -> str:
+    return Path(url.split(" ")[-1]).name if url.startswith("pipe:") else Path(url).name
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard in stored order: ``{"__key__", "img.npy", "meta.json", ...}``.
 
-    Values are bytes. Works with local paths and ``pipe:`` URLs. Raises ``ShardReadError`` on
-    a truncated/corrupt tar or an incomplete sample; samples before the damage come first.
+    ``img.npy`` is an ``NpyPart`` (decode it with ``load_image`` while the iterator is open);
+    the other values are bytes. Works with local paths and ``pipe:`` URLs. Raises
+    ``ShardReadError`` on a truncated/corrupt tar or an incomplete sample; samples before the
+    damage come first.
     """
-    name = Path(url.split(" ")[-1]).name if url.startswith("pipe:") else Path(url).name
-    files = _tar_files(url)
+    name = _shard_name(url)
+    closer = None
     try:
-        for sample in tariterators.group_by_keys(files, handler=_reraise):
+        closer, raw, seekable = _open(url)
+        for sample in _group(_iter_parts(_TarStream(raw, seekable), url), url):
             missing = [p for p in REQUIRED_PARTS if p not in sample]
             if missing:
                 raise ShardReadError(name, f"sample lacks {', '.join(missing)}")
             yield sample
+        closer.close()  # a pipe's command status is checked here
     except ShardReadError:
         raise
     except FileNotFoundError:
         raise ShardReadError(name, "shard file not found") from None
-    except Exception as e:  # tarfile.ReadError, EOFError, OSError, ValueError (duplicates)
+    except Exception as e:  # tarfile.HeaderError, EOFError, OSError, ValueError (duplicates)
         raise ShardReadError(name, f"corrupt or truncated shard ({e.__class__.__name__})") from None
     finally:
-        files.close()
+        if closer is not None:
+            # a pipe cut short by us (early stop) may report SIGPIPE: irrelevant then
+            with contextlib.suppress(Exception):
+                closer.close()
 
 
 def decode_meta(raw: dict[str, Any], shard: str = "?") -> dict[str, Any]:
@@ -90,11 +246,43 @@ def decode_meta(raw: dict[str, Any], shard: str = "?") -> dict[str, Any]:
     return meta
 
 
+def decode_npy(buf: np.ndarray) -> np.ndarray:
+    """``.npy`` bytes (a uint8 array) -> the array, viewing ``buf`` (no copy, no pickle).
+
+    ``ValueError`` if the bytes are not a complete, pickle-free ``.npy``."""
+    head = io.BytesIO(buf[: 16 + 65536].tobytes())  # magic + the largest v1 header
+    version = npy_format.read_magic(head)
+    if version == (1, 0):
+        shape, fortran, dtype = npy_format.read_array_header_1_0(head)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy_format.read_array_header_2_0(head)
+    else:  # 3.0 (utf-8 field names) and later: rare, let numpy read it (one copy)
+        return np.load(io.BytesIO(buf.tobytes()), allow_pickle=False)
+    if dtype.hasobject:
+        raise ValueError("object arrays need pickle")
+    start = head.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(buf) - start < nbytes:
+        raise ValueError("npy data is truncated")
+    flat = buf[start : start + nbytes].view(dtype)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
 def load_image(raw: dict[str, Any], shard: str = "?") -> np.ndarray:
-    """Decode ``img.npy`` bytes (no pickle); ``ShardReadError`` if unreadable."""
+    """Decode ``img.npy`` (an ``NpyPart`` or bytes) into a writable array; ``ShardReadError``
+    if unreadable."""
+    part = raw["img.npy"]
     try:
-        return np.load(io.BytesIO(raw["img.npy"]), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
+        if isinstance(part, NpyPart):
+            buf = part.read()
+        else:  # bytes from elsewhere: one copy, so the array is writable as np.load's was
+            buf = np.frombuffer(bytearray(part), dtype=np.uint8)
+        return decode_npy(buf)
+    except (OSError, EOFError) as e:
+        raise ShardReadError(
+            shard, f"corrupt or truncated shard ({e.__class__.__name__})"
+        ) from None
+    except (ValueError, TypeError):
         raise ShardReadError(shard, "img.npy is not a readable .npy array") from None
 
 
@@ -106,7 +294,7 @@ def decode_report(raw: dict[str, Any]) -> str:
 def iter_samples(manifest: Manifest | str | Path, *, decode_image: bool = True) -> Iterator[Sample]:
     """Every sample of a dataset, shard after shard, in manifest order.
 
-    With ``decode_image=False`` the image is left undecoded: ``Sample.image`` is an empty
+    With ``decode_image=False`` the image is left unread: ``Sample.image`` is an empty
     ``(0,)`` array and ``meta["shape"]`` still says the stored shape (cheap inspection).
     """
     if not isinstance(manifest, Manifest):

@@ -10,8 +10,9 @@
   own handler it never saves from inside a signal handler, i.e. mid-backward or mid-collective.
 - Plugins: under SLURM, ``SLURMEnvironment(auto_requeue=False)`` (requeue is ours); under
   ``torchrun`` Lightning picks ``TorchElasticEnvironment`` itself.
-- FSDP: ``TransformerFSDPStrategy`` wraps each transformer block (vision ``Block``, text
-  ``BertLayer``) and optionally checkpoints their activations; typed so YAML can select it.
+- FSDP: ``TransformerFSDPStrategy`` (FSDP2, ``fully_shard``) shards each transformer block
+  (vision ``Block``, text ``BertLayer``), optionally checkpoints their activations, writes
+  reshardable distributed checkpoints; runs on CPU/gloo too; typed so YAML can select it.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ import signal
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +211,60 @@ def transformer_block_classes() -> set[type]:
     return {Block, BertLayer}
 
 
-class TransformerFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` with one FSDP unit per transformer block (vision, decoder and text).
+def shard_transformer_blocks(
+    module: nn.Module,
+    mesh: DeviceMesh | None = None,
+    activation_checkpointing: bool = True,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    block_classes: set[type] | None = None,
+) -> list[nn.Parameter]:
+    """FSDP2 (``fully_shard``) in place: one unit per transformer block, then ``module`` as root.
 
+    Each block optionally recomputes its activations in backward (composable ``checkpoint``,
+    which keeps parameter names, so checkpoints do not depend on it). 0-d parameters (the
+    contrastive loss's temperature and bias) cannot be sharded: they stay replicated on every
+    rank and their gradients are averaged by a hook on a process group of their own. Call it on
+    every rank after ``init_process_group``; returns those replicated parameters.
+    """
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    classes = tuple(block_classes or transformer_block_classes())
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    kwargs: dict[str, Any] = {"mesh": mesh, "offload_policy": offload}
+    blocks = [m for m in module.modules() if isinstance(m, classes)]
+    if not blocks:
+        raise ValueError(f"no transformer block ({', '.join(c.__name__ for c in classes)}) found")
+    for block in blocks:
+        if activation_checkpointing:
+            checkpoint(block)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    scalars = [p for p in module.parameters() if p.ndim == 0 and p.requires_grad]
+    fully_shard(module, ignored_params=set(scalars), **kwargs)
+    group = torch.distributed.new_group(backend=torch.distributed.get_backend())
+    world = torch.distributed.get_world_size(group)
+    for p in scalars:
+        # Tensor hook (not post-accumulate): each micro-batch's gradient is averaged once, as
+        # FSDP averages the sharded ones, so gradient accumulation stays right.
+        p.register_hook(lambda g: _all_reduce_mean(g, group, world))
+    return scalars
+
+
+def _all_reduce_mean(grad: Tensor, group: Any, world: int) -> Tensor:
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad, group=group)  # SUM: gloo has no AVG
+    return grad.div_(world)
+
+
+class TransformerFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 data parallelism with one unit per transformer block (vision, decoder and text).
+
+    Built on Lightning's ``ModelParallelStrategy`` (``fully_shard``, 1-D mesh over all ranks):
+    parameters are DTensors with their full shapes, so the optimiser's weight-decay groups are
+    the same as under DDP, and it runs on CPU (gloo) as on GPU (NCCL). The model's forward is
+    entered for every step (``training_step`` is routed through the root module's ``__call__``),
+    so FSDP gathers the root's own parameters (stems, projections, embeddings) before use.
     ``activation_checkpointing`` recomputes each block's activations in backward (keep the
     models' own ``grad_checkpointing`` off then). ``state_dict_type="sharded"`` writes a
     distributed checkpoint (a folder), which loads on a different number of ranks.
@@ -217,27 +274,72 @@ class TransformerFSDPStrategy(FSDPStrategy):
         self,
         activation_checkpointing: bool = True,
         state_dict_type: Literal["full", "sharded"] = "sharded",
-        sharding_strategy: Literal[
-            "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
-        ] = "FULL_SHARD",
+        sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] = "FULL_SHARD",
         cpu_offload: bool = False,
-        limit_all_gathers: bool = True,
         **kwargs: Any,
     ) -> None:
         """Args:
         activation_checkpointing: recompute each block's activations in backward
         state_dict_type: sharded (distributed checkpoint folder, reshardable) or full (rank 0)
-        sharding_strategy: FULL_SHARD (ZeRO-3), SHARD_GRAD_OP (ZeRO-2), NO_SHARD, HYBRID_SHARD
-        cpu_offload: keep parameters on the CPU between uses (slow; memory of last resort)
-        limit_all_gathers: throttle all-gathers ahead of compute (bounds memory spikes)
+        sharding_strategy: FULL_SHARD (ZeRO-3) or SHARD_GRAD_OP (ZeRO-2, blocks kept gathered)
+        cpu_offload: keep parameters, gradients and optimiser state on the CPU (slow)
+        kwargs: ``ModelParallelStrategy``'s (``process_group_backend``, ``timeout``)
         """
-        blocks = transformer_block_classes()
-        super().__init__(
-            auto_wrap_policy=blocks,
-            activation_checkpointing_policy=blocks if activation_checkpointing else None,
-            state_dict_type=state_dict_type,
-            sharding_strategy=sharding_strategy,
-            cpu_offload=cpu_offload,
-            limit_all_gathers=limit_all_gathers,
-            **kwargs,
+        if state_dict_type not in ("full", "sharded"):
+            raise ValueError(
+                f"state_dict_type must be 'full' or 'sharded', got {state_dict_type!r}"
+            )
+        if sharding_strategy not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+            raise ValueError(f"unsupported sharding_strategy {sharding_strategy!r}")
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(save_distributed_checkpoint=state_dict_type == "sharded", **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+        self.sharding_strategy = sharding_strategy
+        self.cpu_offload = cpu_offload
+        self.block_classes = transformer_block_classes()
+
+    @property
+    def _state_dict_type(self) -> str:
+        return "sharded" if self._save_distributed_checkpoint else "full"
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = (
+                self.num_nodes * self.num_processes
+            )  # one mesh dim: all ranks
+        super().setup_environment()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        # After configure_model (which may compile blocks), before the optimiser is built.
+        shard_transformer_blocks(
+            self.lightning_module,
+            self.device_mesh["data_parallel"],
+            activation_checkpointing=self.activation_checkpointing,
+            reshard_after_forward=self.sharding_strategy == "FULL_SHARD",
+            cpu_offload=self.cpu_offload,
+            block_classes=self.block_classes,
         )
+        super().setup(trainer)
+
+    def _through_root(self, context: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        # The LightningModule is the root FSDP module: only a call to it runs FSDP's root hooks.
+        with context:
+            return self._forward_redirection(
+                self.model, self.lightning_module, method, *args, **kwargs
+            )
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.precision_plugin.train_step_context()
+        return self._through_root(ctx, "training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.precision_plugin.val_step_context()
+        return self._through_root(ctx, "validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.precision_plugin.test_step_context()
+        return self._through_root(ctx, "test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.precision_plugin.predict_step_context()
+        return self._through_root(ctx, "predict_step", *args, **kwargs)

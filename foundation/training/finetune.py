@@ -3,13 +3,16 @@
 ``run_finetune(config)`` is the whole job: load the encoder (pretraining ``.ckpt``, exported
 directory, or random init for baselines), read the label table (raw identifiers hashed on
 load), join labels to the manifest's samples of one modality and dimensionality, split by
-patient (``split.json``), train, evaluate on the test split with bootstrap intervals, write
+patient (``split.json``), train, evaluate on the test split (probes with ``split.fold: -1``:
+on the pooled out-of-fold predictions of a k-fold split) with bootstrap intervals, write
 ``metrics.json`` and ``predictions.csv`` (study pseudonyms only) and return the results.
 
 Two training paths:
 - probes (``freeze: linear_probe`` or ``mlp_probe`` with CLS/mean pooling): embeddings are
   computed once per (encoder, manifest, transform) and cached, then a head is fitted on them
-  (``foundation.evaluation.probe``). Unit: the study (mean of its series' embeddings).
+  (``foundation.evaluation.probe``; the linear probe is ridge / logistic regression with a
+  penalty chosen by cross-validation over the training patients). Unit: the study (mean of
+  its series' embeddings).
 - everything else (``frozen`` with attention pooling, ``last_k``, ``full``): :class:`FinetuneModule`
   trains through the encoder with Lightning. Unit of training: the series (each carries its
   study's label); evaluation averages a study's series predictions into one per study.
@@ -91,7 +94,7 @@ class EncoderConfig:
 class SplitConfig:
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     kfold: int = 0  # >1: run fold `fold` of a k-fold split
-    fold: int = 0
+    fold: int = 0  # -1: every fold, metrics on pooled out-of-fold predictions (probes only)
     seed: int = 0
 
 
@@ -409,6 +412,11 @@ def labels_for(
 def make_run_split(cfg: FinetuneConfig, study_patient: dict[str, str]) -> Split:
     s = cfg.split
     if s.kfold and s.kfold > 1:
+        if not 0 <= s.fold < s.kfold:
+            raise ValueError(
+                f"{cfg.name}: split.fold must be in [0, {s.kfold}) for this job "
+                "(fold -1, pooled k-fold, is for linear_probe / mlp_probe with cls/mean pooling)"
+            )
         return make_kfold(study_patient, s.kfold, s.seed)[s.fold]
     return make_split(study_patient, tuple(s.fractions), s.seed)  # type: ignore[arg-type]
 
@@ -515,9 +523,12 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "pooling": cfg.encoder.pooling,
             "load_report": str(loaded.report) if loaded.report else None,
         },
+        "evaluation": split.method,
         "n_studies": {n: len(v) for n, v in split.studies.items()},
         "tasks": tasks_out,
     }
+    if result.get("probe"):
+        results["probe"] = result["probe"]  # e.g. the CV-chosen ridge penalty of each fold
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
