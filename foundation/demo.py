@@ -170,6 +170,10 @@ class Demo:
         self.stages["pretrain"].update(
             retrieval_r1=pre["i2t_r1"], retrieval_r1_random_init=rnd["i2t_r1"],
             chance_r1=pre["chance_r1"],
+            # ranking only same-modality reports: what was learned beyond "CT vs X-ray report"
+            retrieval_r1_within_modality=pre["i2t_r1_within_modality"],
+            retrieval_r1_within_modality_random_init=rnd["i2t_r1_within_modality"],
+            chance_r1_within_modality=pre["chance_r1_within_modality"],
         )
         return {
             "heldout_studies": pre["n"],

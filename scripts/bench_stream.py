@@ -9,9 +9,12 @@ Figures (printed as ratios against their baselines):
   Spacingd + crop from NIfTI, and vs MONAI PersistentDataset with the same transforms
   (deterministic part cached, second pass);
 - bytes per sample: shards vs the PersistentDataset cache vs the NIfTI files;
-- streaming read rate (tar iteration, no decode) vs ``cat`` of the same shards;
+- streaming read rate (tar iteration + every image read into an array: the reader reads an
+  image only when asked) vs ``cat`` of the same shards;
 - the exclusion filter's cost with 1,000,000 excluded pseudonyms (planning + filter);
-- ``.npy`` vs a compressed form (zstd if importable, else zlib) on size and decode speed.
+- ``.npy`` vs compressed forms (zlib-1; zstd-1 and zstd-3 when ``zstandard`` is importable) on
+  size and decode speed (bytes in memory -> array; ``.npy`` by ``np.load`` and by the reader's
+  zero-copy ``decode_npy``).
 Everything runs in one process (num_workers=0) so the ratios compare per-core cost.
 """
 
@@ -36,7 +39,7 @@ from foundation.data.stream import ShardStream
 from foundation.data.transforms import train_transform
 from foundation.sample import Sample, sample_key
 from foundation.shards.manifest import Manifest
-from foundation.shards.reader import iter_shard
+from foundation.shards.reader import decode_npy, iter_shard, load_image
 from foundation.shards.writer import ShardWriter
 
 REPEATS = 3
@@ -128,6 +131,42 @@ def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
+def compression_rows(vol: np.ndarray, reps: int = 5) -> list[tuple[str, str, str]]:
+    """Size and decode time (bytes in memory -> array) of ``.npy`` against compressed forms."""
+    buf = io.BytesIO()
+    np.save(buf, vol)
+    raw = buf.getvalue()
+    raw_u8 = np.frombuffer(bytearray(raw), dtype=np.uint8)
+    t_load = best(reps, lambda: np.load(io.BytesIO(raw)))
+    t_view = best(reps, lambda: decode_npy(raw_u8))
+    rows = [
+        ("bytes/volume .npy", f"{len(raw) / 1e6:.2f} MB", "1.00"),
+        ("decode ms .npy, np.load (one copy)", f"{t_load * 1e3:.2f}", "1.00"),
+        ("decode ms .npy, decode_npy (view, no copy)", f"{t_view * 1e3:.3f}",
+         f"x{t_view / t_load:.3f}"),
+    ]  # fmt: skip
+    codecs = [("zlib-1", lambda: zlib.compress(raw, 1), zlib.decompress)]
+    if zstandard is not None:
+        for level in (1, 3):
+            cctx = zstandard.ZstdCompressor(level=level)
+            codecs.append((f"zstd-{level}", cctx.compress, zstandard.ZstdDecompressor().decompress))
+    else:
+        rows.append(("zstd (zstandard)", "not installed", ""))
+    for name, pack, unpack in codecs:
+        t_pack, packed = timed(pack)
+        t_cmp = best(
+            reps, lambda u=unpack, p=packed: decode_npy(np.frombuffer(u(p), dtype=np.uint8))
+        )
+        rows += [
+            (f"bytes/volume {name}", f"{len(packed) / 1e6:.2f} MB",
+             f"x{len(packed) / len(raw):.2f}"),
+            (f"decode ms {name} (+ decode_npy)", f"{t_cmp * 1e3:.1f}",
+             f"x{t_cmp / t_load:.1f} of np.load; {len(raw) / t_cmp / 1e6:.0f} MB/s out;"
+             f" encode {t_pack * 1e3:.0f} ms"),
+        ]  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny volumes for CI (< 30 s)")
@@ -206,14 +245,21 @@ def main() -> None:
         t_cat = min(
             t_cat, best(REPEATS, lambda: subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL))
         )
-        t_read = best(REPEATS, lambda: [None for p in paths for _ in iter_shard(p)])
-        t_pipe = best(REPEATS, lambda: [None for p in paths for _ in iter_shard(f"pipe:cat {p}")])
+
+        def read_all(urls: list[str], images: bool = True) -> int:
+            return sum(load_image(r).nbytes if images else 0 for u in urls for r in iter_shard(u))
+
+        t_read = best(REPEATS, lambda: read_all(paths))
+        t_pipe = best(REPEATS, lambda: read_all([f"pipe:cat {p}" for p in paths]))
+        t_meta = best(REPEATS, lambda: read_all(paths, images=False))
         rows += [
             ("read MB/s cat", f"{total_bytes / t_cat / 1e6:.0f}", "1.00"),
-            ("read MB/s tar iteration (local)", f"{total_bytes / t_read / 1e6:.0f}",
+            ("read MB/s shard -> arrays (local)", f"{total_bytes / t_read / 1e6:.0f}",
              f"x{t_cat / t_read:.2f}"),
-            ("read MB/s tar iteration (pipe:cat)", f"{total_bytes / t_pipe / 1e6:.0f}",
+            ("read MB/s shard -> arrays (pipe:cat)", f"{total_bytes / t_pipe / 1e6:.0f}",
              f"x{t_cat / t_pipe:.2f}"),
+            ("  meta/report only, images skipped (local, ms/sample)",
+             f"{t_meta / n * 1e3:.3f}", ""),
         ]  # fmt: skip
 
         # -- exclusion filter with 1M pseudonyms -----------------------------------------
@@ -248,27 +294,7 @@ def main() -> None:
         ]  # fmt: skip
 
         # -- .npy vs compressed -----------------------------------------------------------
-        vol = ct_volume(np.random.default_rng(1), shape)
-        buf = io.BytesIO()
-        np.save(buf, vol)
-        raw = buf.getvalue()
-        if zstandard is not None:
-            name = "zstd-3"
-            packed = zstandard.ZstdCompressor(level=3).compress(raw)
-            unpack = zstandard.ZstdDecompressor().decompress
-        else:
-            name = "zlib-1"
-            packed = zlib.compress(raw, 1)
-            unpack = zlib.decompress
-        reps = 5
-        t_npy, _ = timed(lambda: [np.load(io.BytesIO(raw)) for _ in range(reps)])
-        t_cmp, _ = timed(lambda: [np.load(io.BytesIO(unpack(packed))) for _ in range(reps)])
-        rows += [
-            ("bytes/volume .npy", f"{len(raw) / 1e6:.2f} MB", "1.00"),
-            (f"bytes/volume {name}", f"{len(packed) / 1e6:.2f} MB", f"x{len(packed) / len(raw):.2f}"),
-            ("decode ms .npy", f"{t_npy / reps * 1e3:.1f}", "1.00"),
-            (f"decode ms {name}", f"{t_cmp / reps * 1e3:.1f}", f"x{t_cmp / t_npy:.1f}"),
-        ]  # fmt: skip
+        rows += compression_rows(ct_volume(np.random.default_rng(1), shape))
 
     width = max(len(r[0]) for r in rows)
     for name, value, ratio in rows:

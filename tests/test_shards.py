@@ -11,7 +11,15 @@ import pytest
 
 from foundation.sample import Sample, sample_key
 from foundation.shards.manifest import Manifest, ManifestError
-from foundation.shards.reader import iter_samples
+from foundation.shards.reader import (
+    ShardReadError,
+    decode_meta,
+    decode_npy,
+    decode_report,
+    iter_samples,
+    iter_shard,
+    load_image,
+)
 from foundation.shards.verify import verify_manifest
 from foundation.shards.writer import ShardWriter
 
@@ -143,3 +151,94 @@ def test_manifest_save_is_atomic_and_roundtrips(tmp_path):
     again = Manifest.load(path)
     assert again.to_dict() == m.to_dict() and again.shard_paths()[0].is_file()
     assert again.code_version.startswith("0.") and again.created
+
+
+# ---- the reader: lazy image, pipes, truncation, npy decoding ---------------------------------
+
+
+def _one_shard(tmp_path: Path, n: int = 3) -> tuple[list[Sample], Path]:
+    samples = [make_sample(i) for i in range(n)]
+    return samples, Manifest.load(write_dataset(tmp_path, samples)).shard_paths()[0]
+
+
+def test_iter_shard_local_and_pipe_give_the_same_writable_arrays(tmp_path):
+    samples, shard = _one_shard(tmp_path)
+    for url in (str(shard), f"pipe:cat {shard}"):
+        got = []
+        for raw in iter_shard(url):
+            image = load_image(raw, shard.name)  # while the iterator is open
+            assert image.flags.writeable and raw["__url__"] == url
+            got.append((raw["__key__"], image, decode_meta(raw), decode_report(raw)))
+        assert [g[0] for g in got] == [s.key for s in samples]
+        for (_, image, meta, report), s in zip(got, samples, strict=True):
+            assert image.dtype == s.image.dtype and np.array_equal(image, s.image)
+            assert meta == s.meta and report == s.report
+
+
+def test_image_is_read_only_when_asked(tmp_path):
+    """A damaged image payload does not stop a meta-only pass; decoding it names the shard."""
+    _, shard = _one_shard(tmp_path)
+    data = bytearray(shard.read_bytes())
+    second = data.index(b"\x93NUMPY", data.index(b"\x93NUMPY") + 1)
+    data[second : second + 6] = b"garbag"
+    shard.write_bytes(bytes(data))
+    manifest = tmp_path / "t-v1.json"
+    assert len(list(iter_samples(manifest, decode_image=False))) == 3
+    with pytest.raises(ShardReadError, match=rf"{shard.name}.*not a readable \.npy"):
+        list(iter_samples(manifest))
+    kept = []
+    for raw in iter_shard(f"pipe:cat {shard}"):  # read eagerly from a pipe, decoded on demand
+        kept.append(decode_meta(raw)["patient"])
+    assert len(kept) == 3
+
+
+def _member_ends(shard: Path) -> list[int]:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return [m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers()]
+
+
+@pytest.mark.parametrize("cut", ["end-marker", "mid-image", "mid-header"])
+def test_truncated_shard_raises_after_the_good_samples(tmp_path, cut):
+    samples, shard = _one_shard(tmp_path)
+    ends = _member_ends(shard)  # 3 parts per sample: img.npy, meta.json, report.txt
+    # a part: pax header block + its data block + ustar header block, then the data
+    size = {"end-marker": ends[-1], "mid-image": ends[5] + 1536 + 40, "mid-header": ends[2] + 100}
+    shard.write_bytes(shard.read_bytes()[: size[cut]])
+    keys = []
+    with pytest.raises(ShardReadError, match=rf"{shard.name}: corrupt or truncated"):
+        for raw in iter_shard(str(shard)):
+            load_image(raw, shard.name)
+            keys.append(raw["__key__"])
+    good = {"end-marker": 2, "mid-image": 2, "mid-header": 0}[cut]
+    assert keys == [s.key for s in samples[:good]]
+
+
+def test_image_after_the_iterator_closed_is_a_clear_error(tmp_path):
+    _, shard = _one_shard(tmp_path)
+    raws = list(iter_shard(str(shard)))
+    assert decode_meta(raws[0])["dims"] == 3  # small parts are plain bytes
+    with pytest.raises(ShardReadError, match=shard.name):
+        load_image(raws[0], shard.name)
+
+
+def test_decode_npy_orders_versions_and_bytes():
+    import io
+
+    from numpy.lib import format as npy_format
+
+    for array, version in [
+        (np.asfortranarray(np.arange(24.0).reshape(2, 3, 4)), (1, 0)),
+        (np.arange(10, dtype=">i4"), (2, 0)),
+        (np.zeros((0, 3), dtype=np.float16), (1, 0)),
+    ]:
+        buf = io.BytesIO()
+        npy_format.write_array(buf, array, version=version)
+        got = decode_npy(np.frombuffer(bytearray(buf.getvalue()), dtype=np.uint8))
+        assert got.dtype == array.dtype and got.shape == array.shape
+        assert np.array_equal(got, array)
+        from_bytes = load_image({"img.npy": buf.getvalue()})
+        assert from_bytes.flags.writeable and np.array_equal(from_bytes, array)
+    with pytest.raises(ShardReadError, match=r"x\.tar: img\.npy is not a readable"):
+        load_image({"img.npy": buf.getvalue()[:-4]}, "x.tar")  # data cut short

@@ -250,7 +250,10 @@ def decode_npy(buf: np.ndarray) -> np.ndarray:
     """``.npy`` bytes (a uint8 array) -> the array, viewing ``buf`` (no copy, no pickle).
 
     ``ValueError`` if the bytes are not a complete, pickle-free ``.npy``."""
-    head = io.BytesIO(buf[: 16 + 65536].tobytes())  # magic + the largest v1 header
+    # magic (8 bytes), header length (2 bytes in v1, 4 in v2), header: copy just that
+    hlen = int.from_bytes(buf[8:12].tobytes(), "little") if len(buf) >= 12 else 0
+    hlen = hlen & 0xFFFF if buf[6:7].tobytes() == b"\x01" else hlen
+    head = io.BytesIO(buf[: 12 + hlen].tobytes())
     version = npy_format.read_magic(head)
     if version == (1, 0):
         shape, fortran, dtype = npy_format.read_array_header_1_0(head)
