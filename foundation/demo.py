@@ -1,6 +1,6 @@
 """`foundation demo`: every stage, end to end, on a fresh synthetic cohort.
 
-synth -> throw-away key -> ingest -> scrubbing check -> opt-out import -> tokenizer ->
+synth -> throw-away key -> ingest -> scrubbing check -> opt-out import -> erasure -> tokenizer ->
 pretrain (tiny, LightningCLI) -> zero-shot retrieval (pretrained vs random init) ->
 biomarker probes (pretrained vs random init) -> summary table and ``summary.json``.
 
@@ -127,6 +127,24 @@ class Demo:
             "excluded_patients": len(excluded & manifest.patients()),
             "excluded_samples": sum(s.samples - s.kept(excluded) for s in manifest.shards),
             "exclusion_version": exclusion.version,
+        }
+
+    def erasure(self) -> dict[str, Any]:
+        """Erasure requests rewrite the shards that hold those patients (a new version)."""
+        from foundation.governance.erase import apply_erasure
+        from foundation.privacy.exclusion import ExclusionList
+        from foundation.shards.verify import verify_manifest
+
+        outcome = apply_erasure(self.manifest, [ExclusionList.load(self.exclusion)])
+        report = verify_manifest(self.manifest)
+        if not report.ok:
+            raise RuntimeError(report.summary())
+        return {
+            "patients_erased": outcome.patients_erased,
+            "samples_removed": outcome.samples_removed,
+            "shards_rewritten": outcome.shards_rewritten,
+            "dataset_version": outcome.version,
+            "verified": report.ok,
         }
 
     def tokenizer(self) -> None:
@@ -262,6 +280,7 @@ def run_demo(out: str | Path | None = None, patients: int = 40, seed: int = 0,
         demo.stage("ingest", demo.ingest)
         demo.stage("scrubbing", demo.scrubbing)
         demo.stage("optout", demo.optout)
+        demo.stage("erasure", demo.erasure)
         demo.stage("tokenizer", demo.tokenizer)
         demo.stage("pretrain", demo.pretrain)
         demo.stage("evaluate", demo.evaluate)

@@ -25,6 +25,10 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
     assert stages["optout"]["excluded_patients"] >= 1
     assert stages["optout"]["excluded_samples"] >= stages["optout"]["excluded_patients"]
 
+    erasure = stages["erasure"]
+    assert erasure["verified"] and erasure["dataset_version"] >= 1
+    assert erasure["samples_removed"] <= stages["optout"]["excluded_samples"]
+
     pretrain = stages["pretrain"]
     assert pretrain["steps"] > 0 and (out / "runs" / "pretrain" / "final.ckpt").is_file()
     n = stages["evaluate"]["heldout_studies"]

@@ -5,8 +5,8 @@ Stages of one worker, for each dims group (2D and 3D are planned and read separa
 are homogeneous in dims and interleaved by a seeded schedule shared by all ranks)::
 
     pieces   = plan.pieces(rank, worker)                 # pure: manifest counts - exclusions
-    raw      = iter_shard(url)                           # webdataset tar iteration
-    kept     = exclusion_filter(raw)                     # reads meta.json only, no image decode
+    raw      = iter_shard(url)                           # tar members; local images read lazily
+    kept     = exclusion_filter(raw)                     # reads meta.json only, no image read
     window   = islice(kept, piece.first, piece.end)      # the kept samples this piece owns
     volumes  = decode(window)                            # img.npy -> array; corrupt -> skipped
     volumes  = pad_shortfall(volumes)                    # keep the planned count (DDP-safe)
