@@ -46,9 +46,9 @@ def _intensity(
 ) -> torch.Tensor:
     """(1, *S) -> (channels, *S) float32 in [0, 1].
 
-    CT: one channel per window ``level +- width/2``, clipped. Written as in-place tensor ops
-    into one preallocated output (MONAI's ScaleIntensityRange allocates a volume per
-    arithmetic step: 5x slower on a 128x128x64 crop; same result)."""
+    CT: one channel per window ``level +- width/2``, clipped. Written as in-place ops into one
+    preallocated output (MONAI's ScaleIntensityRange allocates a volume per arithmetic step:
+    5x slower on a 128x128x64 crop; same result)."""
     return _intensity_np(x[0].numpy(), modality, windows, channels)
 
 

@@ -44,10 +44,6 @@ class ShardReadError(RuntimeError):
         self.reason = reason
 
 
-class _Truncated(EOFError):
-    pass
-
-
 def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
@@ -77,7 +73,7 @@ class _TarStream:
         while got < n:  # pipes (and some file systems) return short reads
             k = self.raw.readinto(view[got:])
             if not k:
-                raise _Truncated("unexpected end of data")
+                raise EOFError("unexpected end of data")
             got += k
         self.pos += n
 
@@ -150,7 +146,7 @@ def _open(url: str) -> tuple[Any, Any, bool]:
     return raw, raw, True
 
 
-def _iter_parts(ts: _TarStream, url: str) -> Iterator[tuple[str, Any]]:
+def _iter_parts(ts: _TarStream) -> Iterator[tuple[str, Any]]:
     """(name, value) of each regular member; ``.npy`` values are ``NpyPart``s."""
     while True:
         try:
@@ -158,26 +154,26 @@ def _iter_parts(ts: _TarStream, url: str) -> Iterator[tuple[str, Any]]:
         except tarfile.EOFHeaderError:
             return  # a zero block: the end-of-archive marker
         except tarfile.EmptyHeaderError:
-            raise _Truncated("no end-of-archive marker") from None
+            raise EOFError("no end-of-archive marker") from None
         except tarfile.TruncatedHeaderError:
-            raise _Truncated("truncated header") from None
+            raise EOFError("truncated header") from None
         size = info.size if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES else 0
         base = info.name.rsplit("/", 1)[-1]
         if not info.isreg() or (base.startswith("__") and base.endswith("__")):
             ts.skip(_padded(size))
             continue
         if info.name.endswith(".npy"):
-            if ts.seekable:
+            if ts.seekable:  # read later, only if load_image asks
                 part = NpyPart(size, None, ts, ts.pos)
                 ts.skip(_padded(size))
             else:
-                part = NpyPart(size, ts.read_array(size), None, ts.pos)
+                part = NpyPart(size, ts.read_array(size), None, ts.pos - size)
                 ts.skip(_padded(size) - size)
             yield info.name, part
         else:
             data = ts.read(_padded(size))
             if len(data) < _padded(size):
-                raise _Truncated("unexpected end of data")
+                raise EOFError("unexpected end of data")
             yield info.name, data[:size]
 
 
@@ -216,7 +212,7 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
     closer = None
     try:
         closer, raw, seekable = _open(url)
-        for sample in _group(_iter_parts(_TarStream(raw, seekable), url), url):
+        for sample in _group(_iter_parts(_TarStream(raw, seekable)), url):
             missing = [p for p in REQUIRED_PARTS if p not in sample]
             if missing:
                 raise ShardReadError(name, f"sample lacks {', '.join(missing)}")
@@ -226,7 +222,9 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
         raise
     except FileNotFoundError:
         raise ShardReadError(name, "shard file not found") from None
-    except Exception as e:  # tarfile.HeaderError, EOFError, OSError, ValueError (duplicates)
+    except EOFError as e:  # ours: the message is a reason, never content
+        raise ShardReadError(name, f"corrupt or truncated shard ({e})") from None
+    except Exception as e:  # tarfile.HeaderError, OSError, ValueError (duplicates)
         raise ShardReadError(name, f"corrupt or truncated shard ({e.__class__.__name__})") from None
     finally:
         if closer is not None:
