@@ -10,6 +10,7 @@ small sizes. A stage that does not exist yet is absent from the summary, never f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,13 +76,18 @@ class Demo:
         )
 
     def key(self) -> None:
-        from foundation.privacy.pseudonym import generate_key_file
-
-        generate_key_file(self.key_file)
+        # Derived from the seed so that a demo run is reproducible (same pseudonyms, same
+        # held-out patients, same figures). Never do this with real data: a real key is random
+        # (`generate_key_file`) and kept outside every output.
+        secret = hashlib.sha256(f"foundation-demo-key:{self.seed}".encode()).hexdigest()
+        self.key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(secret + "\n")
         console.print(
-            f"[yellow]throw-away pseudonymisation key written to {self.key_file} "
-            "(demo only: a real ingest reads its key from a protected key file or "
-            "$FOUNDATION_PSEUDONYM_KEY)"
+            f"[yellow]throw-away demo key written to {self.key_file}: derived from the seed so "
+            "the demo is reproducible, for synthetic data only (a real ingest reads a random key "
+            "from a protected key file or $FOUNDATION_PSEUDONYM_KEY)"
         )
 
     def ingest(self) -> dict[str, Any]:
