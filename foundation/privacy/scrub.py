@@ -183,6 +183,9 @@ class Span:
     end: int
     label: str
     replacement: str
+    # found only because the study's header holds this value: when a detector that knows
+    # what the text is (a date it can shift, a phone number) covers it too, that one wins
+    from_deny_list: bool = False
 
 
 def _name_tokens(text: str, pos: int) -> list[re.Match[str]]:
@@ -382,7 +385,7 @@ def _deny_spans(text: str, deny: Iterable[str]) -> Iterator[Span]:
     for m in regex.finditer(folded):
         start, end = index[m.start()], index[m.end() - 1] + 1
         label = "IPP" if any(c.isdigit() for c in m.group()) else "NOM"
-        yield Span(start, end, label, PLACEHOLDERS[label])
+        yield Span(start, end, label, PLACEHOLDERS[label], from_deny_list=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +403,10 @@ def _merge(spans: Iterable[Span]) -> list[Span]:
         if not cluster:
             return
         start, end = min(s.start for s in cluster), max(s.end for s in cluster)
-        best = min(cluster, key=lambda s: (rank.get(s.label, len(rank)), -(s.end - s.start)))
+        best = min(
+            cluster,
+            key=lambda s: (s.from_deny_list, rank.get(s.label, len(rank)), -(s.end - s.start)),
+        )
         exact = best.start == start and best.end == end
         merged.append(Span(start, end, best.label, best.replacement if exact else PLACEHOLDERS[best.label]))  # fmt: skip
         cluster.clear()
