@@ -457,6 +457,12 @@ def _occurrences(needle: str, haystack: str) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in regex.finditer(haystack)]
 
 
+def _covered(start: int, end: int, spans: list[Span]) -> bool:
+    """Every character of ``[start, end)`` lies in a detected span (spans are disjoint)."""
+    covered = sum(max(0, min(end, s.end) - max(start, s.start)) for s in spans)
+    return covered >= end - start
+
+
 def evaluate_scrubber(
     reports: Mapping[str, str],
     planted: Mapping[str, list[dict]],
@@ -483,12 +489,17 @@ def evaluate_scrubber(
         intervals: list[tuple[int, int]] = []
         for item in planted.get(rid, []):
             label, ptext = str(item["label"]), str(item["text"])
+            row(label)["planted"] += 1
             if "start" in item and "end" in item:
-                intervals.append((int(item["start"]), int(item["end"])))
+                # judged by position: a shifted date may, by chance, read like another planted
+                # date of the same report; what matters is whether this span was replaced
+                ps, pe = int(item["start"]), int(item["end"])
+                intervals.append((ps, pe))
+                leaked = not _covered(ps, pe, spans)
             else:
                 intervals.extend(_occurrences(ptext, text))
-            row(label)["planted"] += 1
-            if _occurrences(ptext, scrubbed):
+                leaked = bool(_occurrences(ptext, scrubbed))
+            if leaked:
                 leaks.append((rid, label))
             else:
                 row(label)["removed"] += 1
