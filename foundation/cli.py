@@ -268,7 +268,13 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     manifest_path = (config.get("data") or {}).get("manifest")
     if manifest_path:  # refuse revoked/purged data, or data not approved for the project
-        check_usable(Manifest.load(manifest_path), args.project)
+        from foundation.governance import audit
+
+        manifest = Manifest.load(manifest_path)
+        check_usable(manifest, args.project)
+        audit.append(audit.default_log_path(manifest_path), "finetune", dataset=manifest.dataset,
+                     dataset_version=manifest.version, project=args.project,
+                     config=str(args.config))
     try:
         key = load_key(args.key_file)
     except MissingKeyError:

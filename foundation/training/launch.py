@@ -77,6 +77,24 @@ class PretrainCLI(LightningCLI):
                     f"tokenizer {tok_dir} has {n} tokens but model.text.vocab_size is {vocab}: "
                     "raise the vocabulary size of the text encoder"
                 )
+        record_training_use(dm, self.trainer, "pretrain")
+
+
+def record_training_use(dm: Any, trainer: Any, action: str) -> None:
+    """Append the use of a dataset by a training run (and its project) to the audit log."""
+    if not getattr(trainer, "is_global_zero", True) or not getattr(dm, "manifest_paths", None):
+        return
+    from foundation.governance import audit
+
+    manifest = dm.manifest  # loads and checks the manifest(s): revoked or unapproved fails here
+    audit.append(
+        audit.default_log_path(dm.manifest_paths[0]),
+        action,
+        dataset=manifest.dataset,
+        dataset_version=manifest.version,
+        project=getattr(dm, "project", None),
+        run_dir=str(getattr(trainer, "default_root_dir", "")),
+    )
 
 
 def place_in_run_dir(cfg: Any, run_dir: Path) -> None:
