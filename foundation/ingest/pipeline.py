@@ -207,11 +207,11 @@ def run_ingest(
     ledger_path = out_dir / (f"ledger.{tag}.jsonl" if tag else LEDGER_NAME)
     result = IngestResult()
 
-    dicom_paths = sorted(find_dicom_files(input_dir))
+    not_dicom: list[Skip] = []  # every other file is counted, never silently passed over
+    dicom_paths = sorted(find_dicom_files(input_dir, skipped=not_dicom))
     series, scan_skips = scan_series(dicom_paths)
     nifti = sorted(find_nifti_files(input_dir))
-    for skip in scan_skips:
-        result.skipped[skip.reason] += 1
+    scan_counts = Counter(skip.reason for skip in [*not_dicom, *scan_skips])
     reports = ReportTable.from_csv(
         reports_csv, id_column=config.report_id_column, text_column=config.report_text_column
     )
@@ -243,6 +243,8 @@ def run_ingest(
             pool.shutdown(cancel_futures=True)
 
     no_report: set[str] = set()
+    if config.part[0] == 0:  # files outside any series: counted once, by part 0
+        result.skipped.update(scan_counts)
     for g in groups:  # totals over this run and any earlier interrupted one
         result.samples += g["samples"]
         result.by_modality.update(g["by_modality"])
