@@ -34,6 +34,7 @@ def tiny_overrides(ds: TinyDataset) -> list[str]:
         "--data.batch_size=2",
         "--data.num_workers=0",
         "--data.crop_size_3d=[16,16,16]",
+        "--model.vision.patch_size_3d=8",
         "--data.crop_size_2d=[32,32]",
         "--data.val_fraction=0",
         "--data.max_report_tokens=32",

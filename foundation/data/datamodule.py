@@ -101,6 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         shard_url: str | None = None,
         pin_memory: bool = True,
         project: str | None = None,
+        flips: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +123,9 @@ class ShardDataModule(L.LightningDataModule):
         self.on_error, self.shard_url, self.pin_memory = on_error, shard_url, pin_memory
         # the research project this run serves: the dataset must be approved for it
         self.project = project
+        # off by default: reports name sides ("lobe inférieur droit"), and a flipped image
+        # contradicts its own report in the contrastive pairs
+        self.flips = flips
         # A tokenizer callable may also be set directly (the lead's code passes one).
         self.tokenize: Callable[[list[str]], Any] | None = None
         self._manifest: Manifest | None = None
@@ -169,9 +173,11 @@ class ShardDataModule(L.LightningDataModule):
                 ct_windows=windows,
                 multi_window=self.multi_window,
                 crops_per_volume=self.crops_per_volume,
+                flips=self.flips,
             )
             t2 = train_transform(
-                2, self.crop_size_2d, ct_windows=windows, multi_window=self.multi_window
+                2, self.crop_size_2d, ct_windows=windows, multi_window=self.multi_window,
+                flips=self.flips,
             )
         else:
             t3 = eval_transform(
