@@ -164,7 +164,7 @@ class Demo:
     def pretrain(self) -> dict[str, Any]:
         from foundation.training.launch import run_pretrain
 
-        steps = 60 if self.quick else 800
+        steps = 60 if self.quick else 300
         run_dir = self.out / "runs" / "pretrain"
         overrides = [
             f"--data.manifest={self.manifest}",
