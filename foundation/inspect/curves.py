@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from foundation.inspect.figure import save_figure
+
 # panel title -> metric names drawn in it (the first present ones; ``lr-*`` matched by prefix)
 PANELS: dict[str, tuple[str, ...]] = {
     "loss": (
@@ -156,14 +158,7 @@ def plot_curves(curves: RunCurves, out: str | Path, title: str | None = None) ->
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title)
 
 
 def run_curves(run_dir: str | Path, out: str | Path) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from foundation.inspect.figure import save_figure
 from foundation.sample import Sample
 from foundation.shards.manifest import Manifest
 from foundation.shards.reader import decode_meta, decode_report, iter_shard, load_image
@@ -213,14 +214,7 @@ def render_montage(
             family="monospace",
             transform=text_ax.transAxes,
         )
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, title)
 
 
 def montage(
