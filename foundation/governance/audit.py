@@ -157,3 +157,11 @@ def verify(log: str | Path) -> ChainReport:
             report.problems.append(f"line {n}: sequence {entry.get('seq')}, expected {seq}")
         prev, seq = _line_hash(line), seq + 1
     return report
+
+
+def save_and_record(manifest, path: str | Path, action: str,
+                    audit_log: str | Path | None = None, **fields: Any) -> dict[str, Any]:
+    """Save a changed manifest, then append ``action`` with its dataset and version."""
+    manifest.save(path)
+    return append(audit_log or default_log_path(path), action, dataset=manifest.dataset,
+                  version=manifest.version, **fields)

@@ -57,15 +57,9 @@ def approve(
     manifest.extra["projects"] = [p for p in approvals(manifest) if p["id"] != project_id] + [
         record
     ]
-    manifest.save(path)
-    audit.append(
-        audit_log or audit.default_log_path(path),
-        "project approve",
-        dataset=manifest.dataset,
-        version=manifest.version,
-        project=project_id,
-        approval=approval,
-        expires=record["expires"],
+    audit.save_and_record(
+        manifest, path, "project approve", audit_log,
+        project=project_id, approval=approval, expires=record["expires"],
     )
     return record
 
@@ -88,14 +82,7 @@ def revoke(
     else:
         raise KeyError(f"{path}: project {project_id} is not approved for this dataset")
     manifest.extra["projects"] = records
-    manifest.save(path)
-    audit.append(
-        audit_log or audit.default_log_path(path),
-        "project revoke",
-        dataset=manifest.dataset,
-        version=manifest.version,
-        project=project_id,
-    )
+    audit.save_and_record(manifest, path, "project revoke", audit_log, project=project_id)
     return record
 
 

@@ -42,14 +42,7 @@ def set_retention(
         "deadline": deadline.isoformat(),
     }
     manifest.extra["retention"] = record
-    manifest.save(path)
-    audit.append(
-        audit_log or audit.default_log_path(path),
-        "retention set",
-        dataset=manifest.dataset,
-        version=manifest.version,
-        **record,
-    )
+    audit.save_and_record(manifest, path, "retention set", audit_log, **record)
     return record
 
 
