@@ -307,6 +307,9 @@ def test_pretrain_configs_parse(name):
         assert strategy.class_path.endswith("TransformerFSDPStrategy")
         s = cluster.TransformerFSDPStrategy(**strategy.init_args.as_dict())
         assert s._state_dict_type == "sharded"
+        # bf16-mixed: bf16 all-gathers and compute, fp32 gradient reduction
+        policy = cluster.fsdp_mixed_precision(cfg.trainer.precision, s.param_dtype, s.reduce_dtype)
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
         # FSDP checkpoints the blocks: the models' own checkpointing would do it twice
         assert not cfg.model.vision.get("grad_checkpointing", False)
 
