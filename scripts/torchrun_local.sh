@@ -6,8 +6,9 @@
 #   scripts/torchrun_local.sh RUN_DIR --config configs/pretrain/tiny.yaml \
 #       --data.manifest=... --data.tokenizer_dir=... --trainer.max_steps=4
 #
-# Env: NNODES (2), PORT (29517 + a random offset), PYTHON (python), STRATEGY (ddp; FSDP needs
-# GPUs: torch's FSDP refuses CPU-only processes).
+# Env: NNODES (2), PORT (29517 + a random offset), PYTHON (python), STRATEGY (ddp). The FSDP2
+# strategy of the large configs also runs on CPU/gloo (tests/test_fsdp.py): set
+# STRATEGY=foundation.training.cluster.TransformerFSDPStrategy to try it here.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: $0 RUN_DIR [foundation pretrain arguments...]" >&2
