@@ -128,3 +128,18 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         model(x, m).pooled.square().sum().backward()
         grads.append(model.blocks[0].mlp[0].weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_mean_pool_is_the_mean_of_the_kept_patch_tokens():
+    from foundation.models.vision import VisionConfig, VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(VisionConfig(dim=32, depth=1, heads=2, pool="mean")).eval()
+    image, modality = torch.rand(2, 1, 32, 32), torch.tensor([2, 2])
+    out = model(image, modality)
+    assert torch.allclose(out.pooled, out.tokens[:, 1:].mean(dim=1))
+    masked = model(image, modality, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert masked.tokens.shape[1] == 1 + 2  # CLS + half of the 4 patches
+    assert torch.allclose(masked.pooled, masked.tokens[:, 1:].mean(dim=1))
+    with pytest.raises(ValueError, match="pool"):
+        VisionTransformer(VisionConfig(dim=32, depth=1, heads=2, pool="max"))

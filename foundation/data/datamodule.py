@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 
+from foundation.data.report_sections import select_sections
 from foundation.data.stream import EpochLoader, ShardStream
 from foundation.data.transforms import DEFAULT_CT_WINDOWS, eval_transform, train_transform
 from foundation.shards.manifest import Manifest, ManifestError
@@ -60,17 +61,21 @@ def merge_manifests(paths: list[str], project: str | None = None) -> Manifest:
 
 
 class _HFTokenize:
-    """A transformers tokenizer as ``tokenize(list[str]) -> {input_ids, attention_mask}``."""
+    """A transformers tokenizer as ``tokenize(list[str]) -> {input_ids, attention_mask}``,
+    reading the chosen report sections only (see ``report_sections``)."""
 
-    def __init__(self, tokenizer_dir: str, max_tokens: int) -> None:
+    def __init__(
+        self, tokenizer_dir: str, max_tokens: int, sections: Sequence[str] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         self.max_tokens = max_tokens
+        self.sections = tuple(sections) if sections else None
 
     def __call__(self, texts: list[str]) -> Any:
         return self.tokenizer(
-            texts,
+            [select_sections(t, self.sections) for t in texts],
             padding="max_length",
             truncation=True,
             max_length=self.max_tokens,
@@ -94,6 +99,7 @@ class ShardDataModule(L.LightningDataModule):
         multi_window: bool = False,
         seed: int = 0,
         max_report_tokens: int = 256,
+        report_sections: list[str] | None = ["findings", "conclusion"],  # noqa: B006
         tokenizer_dir: str | None = None,
         val_fraction: float = 0.05,
         shuffle_block: int = 16,
@@ -119,6 +125,11 @@ class ShardDataModule(L.LightningDataModule):
             max_report_tokens,
             tokenizer_dir,
         )
+        # the report text the model reads: these sections (headings found in French or
+        # English), the whole report when it has none of them; None: always the whole report
+        self.report_sections = list(report_sections) if report_sections else None
+        if self.report_sections:
+            select_sections("", self.report_sections)  # unknown section names fail here
         self.val_fraction, self.shuffle_block = val_fraction, shuffle_block
         self.on_error, self.shard_url, self.pin_memory = on_error, shard_url, pin_memory
         # the research project this run serves: the dataset must be approved for it
@@ -164,7 +175,9 @@ class ShardDataModule(L.LightningDataModule):
     def _stream(self, split: Literal["train", "val"]) -> ShardStream:
         train = split == "train"
         if self.tokenize is None and self.tokenizer_dir is not None:
-            self.tokenize = _HFTokenize(self.tokenizer_dir, self.max_report_tokens)
+            self.tokenize = _HFTokenize(
+                self.tokenizer_dir, self.max_report_tokens, self.report_sections
+            )
         windows = DEFAULT_CT_WINDOWS
         if train:
             t3 = train_transform(
@@ -176,7 +189,10 @@ class ShardDataModule(L.LightningDataModule):
                 flips=self.flips,
             )
             t2 = train_transform(
-                2, self.crop_size_2d, ct_windows=windows, multi_window=self.multi_window,
+                2,
+                self.crop_size_2d,
+                ct_windows=windows,
+                multi_window=self.multi_window,
                 flips=self.flips,
             )
         else:

@@ -9,7 +9,7 @@ scores equal) gets recall 0, not 1. Chance recall@1 is 1/n.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from foundation.data.report_sections import select_sections
 from foundation.sample import MODALITIES, Sample
 
 KS: tuple[int, ...] = (1, 5, 10)
@@ -118,13 +119,15 @@ def evaluate_retrieval(
     image_size: dict[int, tuple[int, ...]] | None = None,
     batch_size: int = 16,
     max_length: int = 256,
+    report_sections: Sequence[str] | None = None,
     samples: Iterable[Sample] | None = None,
     transform_for: Callable[[int], Callable[[np.ndarray, dict], Tensor]] | None = None,
 ) -> dict[str, float | int]:
     """Recall@1/5/10 image->text and text->image over the studies of ``patients`` (None: all).
 
     ``module`` offers ``encode_image`` and ``encode_text`` (a PretrainModule); ``tokenizer`` is
-    a transformers tokenizer. ``samples``/``transform_for`` default to the manifest's shards and
+    a transformers tokenizer; ``report_sections``: the report sections the model was trained
+    on (``select_sections``; None: whole reports). ``samples``/``transform_for`` default to the manifest's shards and
     the evaluation transform at ``image_size`` (per dims).
     """
     sizes = {**DEFAULT_SIZE, **(image_size or {})}
@@ -150,7 +153,9 @@ def evaluate_retrieval(
         txt = []
         for i in range(0, n, batch_size):
             ids, mask = _tokenize(
-                tokenizer, [reports[s] for s in studies[i : i + batch_size]], max_length
+                tokenizer,
+                [select_sections(reports[s], report_sections) for s in studies[i : i + batch_size]],
+                max_length,
             )
             txt.append(module.encode_text(ids, mask).float())
         sim = (img @ torch.cat(txt).T).numpy()  # (n images, n reports)

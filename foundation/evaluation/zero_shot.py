@@ -27,7 +27,8 @@ def heldout_patients(
     """Patients of the validation split of ``manifest`` that are not excluded."""
     excluded = ExclusionList.load(exclusion_list).pseudonyms if exclusion_list else frozenset()
     return {
-        p for p in Manifest.load(manifest).patients()
+        p
+        for p in Manifest.load(manifest).patients()
         if in_val_split(p, val_fraction) and p not in excluded
     }
 
@@ -64,7 +65,12 @@ def retrieval_vs_random(
     for name, module in (("pretrained", trained), ("random_init", random_init)):
         with torch.no_grad():
             out[name] = evaluate_retrieval(
-                module, str(manifest), tokenizer, patients, image_size=sizes,
+                module,
+                str(manifest),
+                tokenizer,
+                patients,
+                image_size=sizes,
                 max_length=max_length,
+                report_sections=data.get("report_sections"),
             )
     return out

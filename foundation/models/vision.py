@@ -52,6 +52,10 @@ class VisionConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     grad_checkpointing: bool = False
+    # The pooled embedding: "cls" (the CLS token) or "mean" (mean of the patch tokens the trunk
+    # saw: the kept ones under masking, as FLIP pools). Mean pooling starts informative (at
+    # init it is a smooth function of the image) where a CLS token must first learn to attend.
+    pool: str = "cls"
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> VisionConfig:
@@ -72,7 +76,7 @@ class VisionOutput:
     """What the encoder returns; ``N`` is the number of patches of the full grid."""
 
     tokens: Tensor  # (B, 1 + N_keep, D) after the final norm, CLS first
-    pooled: Tensor  # (B, D), the CLS token
+    pooled: Tensor  # (B, D), the CLS token or the patch-token mean (``VisionConfig.pool``)
     mask: Tensor | None  # (B, N) bool, True = masked (dropped); None without masking
     ids_restore: Tensor | None  # (B, N): position of each patch in [kept, dropped] order
     grid: tuple[int, ...]  # patches per spatial axis
@@ -186,6 +190,8 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.pos_embed != "sincos":
             raise ValueError(f"unsupported pos_embed {cfg.pos_embed!r} (only 'sincos')")
+        if cfg.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', not {cfg.pool!r}")
         self.cfg = cfg
         p2, p3 = cfg.patch_size_2d, cfg.patch_size_3d
         self.patch_embed_2d = nn.Conv2d(cfg.in_channels, cfg.dim, p2, stride=p2)
@@ -282,4 +288,5 @@ class VisionTransformer(nn.Module):
             else:
                 x = block(x)
         x = self.norm(x)
-        return VisionOutput(x, x[:, 0], mask, ids_restore, grid, patch)
+        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)  # (B, D)
+        return VisionOutput(x, pooled, mask, ids_restore, grid, patch)
