@@ -404,7 +404,8 @@ class ShardStream(IterableDataset):
             kept = self._exclusion_filter(raw, piece.shard, drop)
             for s in itertools.islice(kept, piece.first, piece.first + piece.count):
                 # header only (the crop is read by the transform) where it can, else the array
-                volume = open_volume(s, piece.shard, self._box_dims) if self._box_dims else None
+                boxes = s["meta"].get("dims") in self._box_dims
+                volume = open_volume(s, piece.shard, self._box_dims) if boxes else None
                 yield {
                     "key": s["__key__"],
                     "image": load_image(s, piece.shard) if volume is None else volume,

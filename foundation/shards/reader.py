@@ -5,7 +5,9 @@ reads): 512-byte headers are parsed by ``tarfile.TarInfo`` (pax and GNU long nam
 small parts are read whole, and ``img.npy`` is read with ``readinto`` straight into the buffer
 the decoded array views (one copy, from the kernel). On a local file the image is read only
 when ``load_image`` asks for it, so a filter that reads ``meta.json`` only seeks past the image
-bytes. ``pipe:`` URLs (webdataset's ``gopen``) read sequentially, the image eagerly.
+bytes. ``pipe:`` URLs (webdataset's ``gopen``) read sequentially, the image eagerly. The stream
+reads only a training crop's rows of a local 3D image (``npy_slab``, from ``NpyPart.fileno``
+and ``npy_header``).
 
 Corruption (truncated tar, missing end-of-archive marker, bad header, sample missing a part)
 surfaces as ``ShardReadError`` naming the shard and the reason, never a sample's content.
