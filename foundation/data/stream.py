@@ -8,7 +8,8 @@ are homogeneous in dims and interleaved by a seeded schedule shared by all ranks
     raw      = iter_shard(url)                           # tar members; local images read lazily
     kept     = exclusion_filter(raw)                     # reads meta.json only, no image read
     window   = islice(kept, piece.first, piece.end)      # the kept samples this piece owns
-    volumes  = decode(window)                            # img.npy -> array; corrupt -> skipped
+    volumes  = decode(window)                            # img.npy -> array, or a volume read
+                                                         # by crop boxes; corrupt -> skipped
     volumes  = pad_shortfall(volumes)                    # keep the planned count (DDP-safe)
     volumes  = block_shuffle(volumes)                    # seeded permutation per block
     crops    = augment(volumes)                          # MONAI, seeded per (seed, epoch, key)
@@ -53,6 +54,7 @@ from foundation.data.plan import (
 )
 from foundation.sample import MODALITIES
 from foundation.shards.manifest import Manifest
+from foundation.shards.npy_slab import open_volume
 from foundation.shards.reader import (
     ShardReadError,
     decode_meta,
@@ -151,6 +153,10 @@ class ShardStream(IterableDataset):
         self.exclusion = None if exclusion is None else str(exclusion)
         self.exclusion_loader = exclusion_loader or _load_exclusion_list
         self.transforms = {2: transform_2d or as_tensor, 3: transform_3d or as_tensor}
+        # dims whose transform reads crop boxes itself: local images stay unread until then
+        self._box_dims = tuple(
+            d for d, t in self.transforms.items() if getattr(t, "reads_boxes", False)
+        )
         self.tokenize = tokenize
         self.seed, self.batch_size, self.crops = seed, batch_size, crops_per_volume
         self.ratio_3d, self.shuffle, self.shuffle_block = ratio_3d, shuffle, shuffle_block
@@ -397,9 +403,12 @@ class ShardStream(IterableDataset):
         try:
             kept = self._exclusion_filter(raw, piece.shard, drop)
             for s in itertools.islice(kept, piece.first, piece.first + piece.count):
+                # header only (the crop is read by the transform) where it can, else the array
+                boxes = s["meta"].get("dims") in self._box_dims
+                volume = open_volume(s, piece.shard, self._box_dims) if boxes else None
                 yield {
                     "key": s["__key__"],
-                    "image": load_image(s, piece.shard),
+                    "image": load_image(s, piece.shard) if volume is None else volume,
                     "meta": s["meta"],
                     "report": decode_report(s),
                 }

@@ -6,11 +6,12 @@ intensity window. ``C`` is the same for every modality (1, or one per CT window 
 ``multi_window``; MR/XR are repeated) so 2D or 3D batches can mix modalities.
 
 Training crops before it converts or windows: the 3D crop is a view of the stored array (the
-crop box drawn by MONAI's ``get_random_patch``, as ``RandSpatialCropSamples`` draws it), flipped as
-a view too, and one pass converts it to float32 while subtracting the window's low end; on a
-512x512x160 CT only the crop is touched (MONAI's crop/flip transforms on a ``MetaTensor`` cost
-more than the arithmetic here). Randomness comes from one ``RandomState`` shared by the
-sub-transforms;
+crop box drawn by MONAI's ``get_random_patch``, as ``RandSpatialCropSamples`` draws it), or,
+when the stream passes a volume read by boxes (``foundation.shards.npy_slab``), only that box
+read from the shard (the same boxes, the same values); flipped as a view too, and one pass
+converts it to float32 while subtracting the window's low end; on a 512x512x160 CT only the
+crop is touched (MONAI's crop/flip transforms on a ``MetaTensor`` cost more than the arithmetic
+here). Randomness comes from one ``RandomState`` shared by the sub-transforms;
 ``set_random_state(seed)`` makes a sample's augmentation a function of its seed alone, which the
 stream uses for exact resume (seed = hash of seed, epoch, key).
 """
@@ -126,9 +127,15 @@ class TrainTransform:
             return []
         return [a for a in range(self.dims) if self.R.random_sample() < 0.5]
 
-    def __call__(self, image: np.ndarray, meta: dict[str, Any]) -> list[torch.Tensor]:
-        """Stored array -> ``crops_per_volume`` tensors ``(C, *crop_size)`` float32 (3D);
-        2D gives ``crops_per_volume`` crops too."""
+    @property
+    def reads_boxes(self) -> bool:
+        """3D takes a volume read by boxes (``NpyVolume``: only the crops are read) as well as
+        an array; 2D needs the array."""
+        return self.dims == 3
+
+    def __call__(self, image: np.ndarray | Any, meta: dict[str, Any]) -> list[torch.Tensor]:
+        """Stored array (or, 3D, a volume read by boxes) -> ``crops_per_volume`` tensors
+        ``(C, *crop_size)`` float32 (3D); 2D gives ``crops_per_volume`` crops too."""
         if image.ndim != self.dims:
             raise ValueError(f"expected a {self.dims}D image, got shape {image.shape}")
         modality = meta.get("modality", "CT")
@@ -148,11 +155,14 @@ class TrainTransform:
         # window(s) and flips: the same draws from self.R, so the same augmentation per seed.
         size = get_valid_patch_size(image.shape, self.crop_size)
         boxes = [get_random_patch(image.shape, size, self.R) for _ in range(self.crops_per_volume)]
+        # a volume read by boxes (NpyVolume) reads only these; an array gives views
+        views = (
+            image.read_boxes(boxes) if hasattr(image, "read_boxes") else [image[b] for b in boxes]
+        )
         out = []
-        for box in boxes:
+        for view in views:  # (X', Y', Z'), stored dtype
             windows = self._windows()
             axes = self._flip_axes()
-            view = image[box]  # (X', Y', Z') view, stored dtype
             if size != self.crop_size:  # volume smaller than the crop: MONAI's zero pad
                 padded = self.pad(torch.from_numpy(np.ascontiguousarray(view))[None])
                 view = _plain(padded)[0].numpy()

@@ -5,7 +5,9 @@ reads): 512-byte headers are parsed by ``tarfile.TarInfo`` (pax and GNU long nam
 small parts are read whole, and ``img.npy`` is read with ``readinto`` straight into the buffer
 the decoded array views (one copy, from the kernel). On a local file the image is read only
 when ``load_image`` asks for it, so a filter that reads ``meta.json`` only seeks past the image
-bytes. ``pipe:`` URLs (webdataset's ``gopen``) read sequentially, the image eagerly.
+bytes. ``pipe:`` URLs (webdataset's ``gopen``) read sequentially, the image eagerly. The stream
+reads only a training crop's rows of a local 3D image (``npy_slab``, from ``NpyPart.fileno``
+and ``npy_header``).
 
 Corruption (truncated tar, missing end-of-archive marker, bad header, sample missing a part)
 surfaces as ``ShardReadError`` naming the shard and the reason, never a sample's content.
@@ -127,6 +129,13 @@ class NpyPart:
     def __init__(self, size: int, data: np.ndarray | None, stream: _TarStream | None, offset: int):
         self.size, self.data, self._stream, self.offset = size, data, stream, offset
 
+    def fileno(self) -> int | None:
+        """The open local shard's descriptor (for reads by position), ``None`` when the bytes
+        were read already (pipe) or the shard iterator is closed."""
+        if self.data is not None or self._stream is None or self._stream.raw.closed:
+            return None
+        return self._stream.raw.fileno()
+
     def read(self) -> np.ndarray:
         """The member's bytes as a uint8 array (``OSError``/``EOFError`` if unreadable)."""
         if self.data is None:
@@ -244,10 +253,11 @@ def decode_meta(raw: dict[str, Any], shard: str = "?") -> dict[str, Any]:
     return meta
 
 
-def decode_npy(buf: np.ndarray) -> np.ndarray:
-    """``.npy`` bytes (a uint8 array) -> the array, viewing ``buf`` (no copy, no pickle).
-
-    ``ValueError`` if the bytes are not a complete, pickle-free ``.npy``."""
+def npy_header(buf: bytes | np.ndarray) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, fortran order, dtype, data offset) from the first bytes of an ``.npy``; ``None``
+    for format 3.0 and later (let numpy read those). ``ValueError`` if the header is not a
+    complete, pickle-free ``.npy`` header (``buf`` may hold more than the header)."""
+    buf = np.frombuffer(buf, dtype=np.uint8) if isinstance(buf, bytes) else buf
     # magic (8 bytes), header length (2 bytes in v1, 4 in v2), header: copy just that
     hlen = int.from_bytes(buf[8:12].tobytes(), "little") if len(buf) >= 12 else 0
     hlen = hlen & 0xFFFF if buf[6:7].tobytes() == b"\x01" else hlen
@@ -257,11 +267,21 @@ def decode_npy(buf: np.ndarray) -> np.ndarray:
         shape, fortran, dtype = npy_format.read_array_header_1_0(head)
     elif version == (2, 0):
         shape, fortran, dtype = npy_format.read_array_header_2_0(head)
-    else:  # 3.0 (utf-8 field names) and later: rare, let numpy read it (one copy)
-        return np.load(io.BytesIO(buf.tobytes()), allow_pickle=False)
+    else:  # 3.0 (utf-8 field names) and later: rare
+        return None
     if dtype.hasobject:
         raise ValueError("object arrays need pickle")
-    start = head.tell()
+    return shape, fortran, dtype, head.tell()
+
+
+def decode_npy(buf: np.ndarray) -> np.ndarray:
+    """``.npy`` bytes (a uint8 array) -> the array, viewing ``buf`` (no copy, no pickle).
+
+    ``ValueError`` if the bytes are not a complete, pickle-free ``.npy``."""
+    header = npy_header(buf)
+    if header is None:  # one copy
+        return np.load(io.BytesIO(buf.tobytes()), allow_pickle=False)
+    shape, fortran, dtype, start = header
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(buf) - start < nbytes:
         raise ValueError("npy data is truncated")
