@@ -72,7 +72,7 @@ def test_pooled_kfold_predicts_every_study_once_from_other_patients(monkeypatch,
         assert not fitted & {c["study_patient"][s] for s in studies}  # never its own patient
     folds = res["split"].studies
     assert len(folds) == 5 and sum(len(v) for v in folds.values()) == len(c["studies"])
-    assert res["split"].method == "kfold:5:pooled"
+    assert res["split"].method == "kfold:5:pooled:stratified"  # on the first task, "y"
 
 
 def test_pooled_linear_probe_finds_a_linear_signal_and_ignores_noise() -> None:
@@ -145,3 +145,45 @@ def test_newton_logistic_reaches_the_penalised_optimum() -> None:
     grad_w = x.T @ (p - y) / len(x) + lam * w[:, 0]
     assert np.abs(grad_w).max() < 1e-6 and abs(float(np.mean(p - y))) < 1e-6
     assert w[0, 0] > 0.5  # the informative feature carries the weight
+
+
+def test_stratified_folds_share_out_classes_and_target_range():
+    from foundation.evaluation.splits import kfold_patients, make_kfold, patient_strata
+
+    patients = [f"p{i:02d}" for i in range(23)]
+    label = {p: float(i % 3 == 0) for i, p in enumerate(patients)}  # 8 positives, 15 negatives
+    folds = kfold_patients(patients, 5, seed=3, strata=label)
+    assert sorted(p for f in folds for p in f) == sorted(patients)  # a partition
+    positives = [sum(label[p] for p in f) for f in folds]
+    assert max(positives) - min(positives) <= 1  # 8 over 5 folds: 1 or 2 each
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert kfold_patients(patients, 5, seed=3, strata=label) == folds  # deterministic
+    assert kfold_patients(patients, 5, seed=4, strata=label) != folds
+
+    # continuous target: in value order, every block of k patients sends one to each fold
+    value = {p: float((i * 7) % 23) for i, p in enumerate(patients)}
+    folds = kfold_patients(patients, 4, seed=0, strata=value)
+    fold_of = {p: i for i, f in enumerate(folds) for p in f}
+    order = sorted(patients, key=value.__getitem__)
+    for b in range(0, 20, 4):
+        assert sorted(fold_of[p] for p in order[b : b + 4]) == [0, 1, 2, 3]
+
+    # per-patient strata from study labels (text from a CSV too), studies follow patients
+    study_patient = {f"s{i}": f"p{i // 2:02d}" for i in range(46)}
+    strata = patient_strata(study_patient, {s: str(i % 4) for i, s in enumerate(study_patient)})
+    assert strata["p00"] == 0.5 and strata["p01"] == 2.5
+    splits = make_kfold(study_patient, 5, seed=0, strata=strata)
+    assert all(s.method.endswith(":stratified") for s in splits)
+    for s in splits:
+        assert not {study_patient[x] for x in s.of("test")} & {
+            study_patient[x] for x in s.of("train") | s.of("val")
+        }
+
+
+def test_unlabelled_patients_and_class_names_in_strata():
+    from foundation.evaluation.splits import kfold_patients, patient_strata
+
+    strata = patient_strata({"a": "p1", "b": "p2", "c": "p3"}, {"a": "yes", "b": "no", "c": None})
+    assert strata == {"p1": 1.0, "p2": 0.0}  # class index; no value: left out
+    folds = kfold_patients(["p1", "p2", "p3"], 2, seed=0, strata=strata)
+    assert sorted(p for f in folds for p in f) == ["p1", "p2", "p3"]

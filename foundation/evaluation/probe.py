@@ -246,15 +246,16 @@ def fit_probes(
     k = cfg.split.kfold
     if k and k > 1 and cfg.split.fold == POOLED:
         # Every study is predicted once, by a probe fitted on the other folds' patients.
-        folds = make_kfold(study_patient, k, cfg.split.seed)
+        strata = ft.split_strata(cfg, study_patient, rows)
+        folds = make_kfold(study_patient, k, cfg.split.seed, strata=strata)
         split = Split(
             studies={f"fold{i}": f.studies["test"] for i, f in enumerate(folds)},
             patients={f"fold{i}": f.patients["test"] for i, f in enumerate(folds)},
             seed=cfg.split.seed,
-            method=f"kfold:{k}:pooled",
+            method=f"kfold:{k}:pooled" + (":stratified" if strata is not None else ""),
         )
     else:
-        folds = [ft.make_run_split(cfg, study_patient)]
+        folds = [ft.make_run_split(cfg, study_patient, rows)]
         split = folds[0]
     index = {s: i for i, s in enumerate(studies)}
     predictions: dict[str, dict[str, list]] = {t.name: {} for t in cfg.tasks}
@@ -334,10 +335,11 @@ def _set(cfg: dict, dotted: str, value: Any) -> None:
 def evaluation_mode(split: dict[str, Any]) -> str:
     """How a config's metrics are computed, in words (``split``: its split section)."""
     k, fold = split.get("kfold") or 0, split.get("fold", 0)
+    kind = "stratified " if split.get("stratify", True) else ""
     if k > 1 and fold == POOLED:
-        return f"{k}-fold patient-level cross-validation, pooled out-of-fold predictions"
+        return f"{k}-fold {kind}patient-level cross-validation, pooled out-of-fold predictions"
     if k > 1:
-        return f"fold {fold} of a {k}-fold patient-level split"
+        return f"fold {fold} of a {k}-fold {kind}patient-level split"
     return "patient-level test split"
 
 

@@ -44,7 +44,7 @@ from foundation.data.labels import (
     source_samples,
 )
 from foundation.evaluation.metrics import evaluate_predictions
-from foundation.evaluation.splits import Split, make_kfold, make_split
+from foundation.evaluation.splits import Split, make_kfold, make_split, patient_strata
 from foundation.models.export import (
     LoadedEncoder,
     check_preprocessing,
@@ -83,7 +83,7 @@ class EncoderConfig:
     init: str = "pretrained"  # pretrained | random
     checkpoint: str | None = None  # .ckpt or exported directory
     vision: dict | None = None  # VisionConfig fields (random init, foreign checkpoints)
-    pooling: str = "cls"  # cls | mean | attention
+    pooling: str = "auto"  # auto (the encoder's own pooling) | cls | mean | attention
     freeze: str = "linear_probe"  # see FREEZE_MODES
     unfreeze_last_k: int = 1
     layer_decay: float = 0.75  # full fine-tune: lr * decay ** (depth + 1 - layer)
@@ -96,6 +96,7 @@ class SplitConfig:
     kfold: int = 0  # >1: run fold `fold` of a k-fold split
     fold: int = 0  # -1: every fold, metrics on pooled out-of-fold predictions (probes only)
     seed: int = 0
+    stratify: bool = True  # k folds balanced on the first task's label (not multilabel)
 
 
 @dataclass
@@ -409,7 +410,21 @@ def labels_for(
     )
 
 
-def make_run_split(cfg: FinetuneConfig, study_patient: dict[str, str]) -> Split:
+def split_strata(
+    cfg: FinetuneConfig, study_patient: dict[str, str], rows: dict[str, dict] | None = None
+) -> dict[str, float] | None:
+    """Per-patient values of the first task's label to stratify k folds by (None: off).
+
+    ``rows``: label rows per study; without them the strata are not known (None)."""
+    task = cfg.tasks[0]
+    if not cfg.split.stratify or task.type == "multilabel" or rows is None:
+        return None
+    return patient_strata(study_patient, {s: rows[s].get(task.column) for s in study_patient})
+
+
+def make_run_split(
+    cfg: FinetuneConfig, study_patient: dict[str, str], rows: dict[str, dict] | None = None
+) -> Split:
     s = cfg.split
     if s.kfold and s.kfold > 1:
         if not 0 <= s.fold < s.kfold:
@@ -417,7 +432,9 @@ def make_run_split(cfg: FinetuneConfig, study_patient: dict[str, str]) -> Split:
                 f"{cfg.name}: split.fold must be in [0, {s.kfold}) for this job "
                 "(fold -1, pooled k-fold, is for linear_probe / mlp_probe with cls/mean pooling)"
             )
-        return make_kfold(study_patient, s.kfold, s.seed)[s.fold]
+        return make_kfold(
+            study_patient, s.kfold, s.seed, strata=split_strata(cfg, study_patient, rows)
+        )[s.fold]
     return make_split(study_patient, tuple(s.fractions), s.seed)  # type: ignore[arg-type]
 
 
@@ -438,6 +455,8 @@ def run_finetune(
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(cfg.data.manifest)
     loaded = load_encoder_for(cfg)
+    if cfg.encoder.pooling == "auto":  # the embedding pretraining shaped: CLS or patch mean
+        cfg.encoder.pooling = loaded.model.cfg.pool
     check_preprocessing(loaded.lineage, manifest, cfg.data.manifest)
     table = labels_for(cfg, key, manifest)
     samples = (
@@ -461,7 +480,7 @@ def run_finetune(
 
 def _run_module_job(cfg, loaded, table, samples, transform) -> dict[str, Any]:
     data = load_task_data(cfg, table, samples, transform)
-    split = make_run_split(cfg, data.study_patient)
+    split = make_run_split(cfg, data.study_patient, data.rows)
     train_rows = [data.rows[s] for s in split.of("train")]
     fit_classes(cfg.tasks, data.rows.values())
     for t in cfg.tasks:
