@@ -99,7 +99,7 @@ class ShardDataModule(L.LightningDataModule):
         multi_window: bool = False,
         seed: int = 0,
         max_report_tokens: int = 256,
-        report_sections: list[str] | None = ["findings", "conclusion"],  # noqa: B006
+        report_sections: list[str] | None = None,
         tokenizer_dir: str | None = None,
         val_fraction: float = 0.05,
         shuffle_block: int = 16,
@@ -125,8 +125,9 @@ class ShardDataModule(L.LightningDataModule):
             max_report_tokens,
             tokenizer_dir,
         )
-        # the report text the model reads: these sections (headings found in French or
-        # English), the whole report when it has none of them; None: always the whole report
+        # the report text the model reads: None, the whole report; else these sections
+        # (e.g. [findings, conclusion]: headings found in French or English), the whole report
+        # when it has none of them
         self.report_sections = list(report_sections) if report_sections else None
         if self.report_sections:
             select_sections("", self.report_sections)  # unknown section names fail here
