@@ -18,6 +18,9 @@ Two training paths:
   study's label); evaluation averages a study's series predictions into one per study.
 The second path holds the transformed images of the labelled series in memory: it suits
 label sets of thousands of studies, not the whole archive.
+
+The config dataclasses live in ``finetune_config`` and the Lightning module in
+``finetune_module``; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,14 +29,11 @@ import csv
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
-import torch
-import yaml
 from torch import Tensor
 
 from foundation.data.labels import (
@@ -51,127 +51,53 @@ from foundation.models.export import (
     load_vision_encoder,
     read_manifest,
 )
-from foundation.models.heads import MultiTaskHead, TaskSpec
-from foundation.models.vision import VisionTransformer
+from foundation.models.heads import TaskSpec
 from foundation.privacy.pseudonym import PseudonymKey, load_key
 from foundation.sample import MODALITIES, Sample
 
-FREEZE_MODES = ("linear_probe", "mlp_probe", "frozen", "last_k", "full")
-DEFAULT_SIZE = {2: [224, 224], 3: [96, 96, 96]}
+# The config and the Lightning module live in their own modules; their names stay importable
+# from here (configs, docs/configuration.md, tests and scripts name them through this module).
+from foundation.training.finetune_config import (
+    DEFAULT_SIZE,
+    FREEZE_MODES,
+    DataConfig,
+    EncoderConfig,
+    EvalConfig,
+    FinetuneConfig,
+    LabelsConfig,
+    SplitConfig,
+    TrainConfig,
+)
+from foundation.training.finetune_module import (
+    FinetuneModule,
+    predict_studies,
+    series_items,
+    train_module,
+)
 
-
-# ---- config -----------------------------------------------------------------------------------
-@dataclass
-class DataConfig:
-    manifest: str = ""
-    modality: str = "XR"
-    dims: int | None = None  # None: the dims of the first matching sample
-    image_size: list[int] | None = None  # None: DEFAULT_SIZE[dims]
-
-
-@dataclass
-class LabelsConfig:
-    path: str = ""
-    key_column: str = "study"  # study | accession | patient | accession_number | patient_id
-    join_on: str | None = None
-    namespace: str | None = None
-    key_file: str | None = None  # for raw identifiers; else $FOUNDATION_PSEUDONYM_KEY
-
-
-@dataclass
-class EncoderConfig:
-    init: str = "pretrained"  # pretrained | random
-    checkpoint: str | None = None  # .ckpt or exported directory
-    vision: dict | None = None  # VisionConfig fields (random init, foreign checkpoints)
-    pooling: str = "auto"  # auto (the encoder's own pooling) | cls | mean | attention
-    freeze: str = "linear_probe"  # see FREEZE_MODES
-    unfreeze_last_k: int = 1
-    layer_decay: float = 0.75  # full fine-tune: lr * decay ** (depth + 1 - layer)
-    probe_hidden: int = 256  # mlp_probe width
-
-
-@dataclass
-class SplitConfig:
-    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
-    kfold: int = 0  # >1: run fold `fold` of a k-fold split
-    fold: int = 0  # -1: every fold, metrics on pooled out-of-fold predictions (probes only)
-    seed: int = 0
-    stratify: bool = True  # k folds balanced on the first task's label (not multilabel)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 16
-    seed: int = 0
-    probe_steps: int = 300
-
-
-@dataclass
-class EvalConfig:
-    n_bootstrap: int = 1000
-    seed: int = 0
-    level: float = 0.95
-
-
-_SECTIONS = {
-    "data": DataConfig,
-    "labels": LabelsConfig,
-    "encoder": EncoderConfig,
-    "split": SplitConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-}
-
-
-@dataclass
-class FinetuneConfig:
-    """One fine-tuning / probing job (see configs/finetune/*.yaml)."""
-
-    name: str = "finetune"
-    tasks: list[TaskSpec] = field(default_factory=list)
-    data: DataConfig = field(default_factory=DataConfig)
-    labels: LabelsConfig = field(default_factory=LabelsConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    out_dir: str = "runs/finetune"
-    cache_dir: str | None = None  # embedding cache; default out_dir/../embedding_cache
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown finetune config keys: {sorted(unknown)}")
-        kw: dict[str, Any] = {k: v for k, v in d.items() if k not in _SECTIONS and k != "tasks"}
-        for name, section in _SECTIONS.items():
-            value = d.get(name) or {}
-            bad = set(value) - {f.name for f in fields(section)}
-            if bad:
-                raise ValueError(f"unknown keys in finetune config section {name!r}: {sorted(bad)}")
-            kw[name] = section(**value)
-        kw["tasks"] = [t if isinstance(t, TaskSpec) else TaskSpec(**t) for t in d.get("tasks", [])]
-        if not kw["tasks"]:
-            raise ValueError("a finetune config needs at least one task")
-        return cls(**kw)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> FinetuneConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
-
-    @classmethod
-    def from_any(cls, value: FinetuneConfig | dict | str | Path) -> FinetuneConfig:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return cls.from_dict(value)
-        return cls.from_yaml(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+__all__ = [
+    "DEFAULT_SIZE",
+    "FREEZE_MODES",
+    "DataConfig",
+    "EncoderConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "FinetuneModule",
+    "LabelsConfig",
+    "SplitConfig",
+    "TaskSpec",
+    "TrainConfig",
+    "build_transform",
+    "fit_classes",
+    "labels_for",
+    "load_encoder_for",
+    "load_task_data",
+    "make_run_split",
+    "predict_studies",
+    "run_finetune",
+    "split_strata",
+    "train_module",
+]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -213,169 +139,6 @@ def fit_classes(tasks: list[TaskSpec], rows: Iterable[dict[str, Any]]) -> None:
 
 def _nan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
-
-
-# ---- the module -------------------------------------------------------------------------------
-class FinetuneModule(L.LightningModule):
-    """Vision encoder + pooled multi-task head, with frozen / last-k / full (LLRD) training."""
-
-    def __init__(
-        self,
-        vision: VisionTransformer,
-        tasks: list[TaskSpec],
-        pooling: str = "cls",
-        freeze: str = "frozen",
-        unfreeze_last_k: int = 1,
-        layer_decay: float = 0.75,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-    ):
-        super().__init__()
-        if freeze not in FREEZE_MODES:
-            raise ValueError(f"freeze must be one of {FREEZE_MODES}, not {freeze!r}")
-        self.vision = vision
-        self.tasks = tasks
-        self.head = MultiTaskHead(vision.embed_dim, tasks, pooling)
-        self.freeze, self.layer_decay = freeze, layer_decay
-        self.lr, self.weight_decay = lr, weight_decay
-        self.losses: list[float] = []  # training loss per step (for tests and reports)
-        self.vision.requires_grad_(freeze == "full")
-        if freeze == "last_k":
-            k = max(1, unfreeze_last_k)
-            for block in list(vision.blocks)[-k:]:
-                block.requires_grad_(True)
-            vision.norm.requires_grad_(True)
-
-    @property
-    def encoder_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.vision.parameters())
-
-    def train(self, mode: bool = True) -> FinetuneModule:
-        super().train(mode)
-        if self.encoder_frozen:
-            self.vision.eval()  # a frozen encoder keeps eval behaviour (no dropout)
-        return self
-
-    def forward(self, image: Tensor, modality: Tensor) -> dict[str, Tensor]:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            tokens = self.vision(image, modality).tokens  # (B, 1 + N, D)
-        return self.head(tokens).outputs
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, _ = self.head.loss(self(batch["image"], batch["modality"]), batch["targets"])
-        bs = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.losses.append(float(loss.detach()))
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, _ = self.head.loss(self(batch["image"], batch["modality"]), batch["targets"])
-        self.log("val/loss", loss, batch_size=batch["image"].shape[0])
-
-    def layer_id(self, name: str) -> int:
-        """0 for embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
-        depth = len(self.vision.blocks)
-        if name.startswith("vision.blocks."):
-            return int(name.split(".")[2]) + 1
-        if name.startswith("vision.") and not name.startswith("vision.norm"):
-            return 0
-        return depth + 1
-
-    def param_groups(self) -> list[dict]:
-        """AdamW groups with layer-wise lr decay (full fine-tune) and no decay on 1-d params."""
-        depth = len(self.vision.blocks)
-        groups: dict[tuple[int, bool], dict] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            lid = self.layer_id(name)
-            scale = self.layer_decay ** (depth + 1 - lid) if self.freeze == "full" else 1.0
-            no_decay = p.ndim <= 1 or "cls_token" in name or "modality_embed" in name
-            g = groups.setdefault(
-                (lid, no_decay),
-                {
-                    "params": [],
-                    "lr": self.lr * scale,
-                    "lr_scale": scale,
-                    "weight_decay": 0.0 if no_decay else self.weight_decay,
-                },
-            )
-            g["params"].append(p)
-        return list(groups.values())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(), lr=self.lr)
-
-
-def _collate(items: list[dict]) -> dict:
-    return {
-        "image": torch.stack([i["image"] for i in items]),
-        "modality": torch.stack([i["modality"] for i in items]),
-        "targets": {n: torch.stack([i["targets"][n] for i in items]) for n in items[0]["targets"]},
-        "study": [i["study"] for i in items],
-    }
-
-
-def _items(
-    data: LabelledSamples, tasks: list[TaskSpec], studies: set[str], modality: int
-) -> list[dict]:
-    items = []
-    for i, study in enumerate(data.sample_study):
-        if study in studies:
-            row = data.rows[study]
-            items.append(
-                {
-                    "image": data.images[i],  # type: ignore[index]
-                    "modality": torch.tensor(modality, dtype=torch.long),
-                    "targets": {
-                        t.name: torch.tensor(t.encode(row), dtype=torch.float32) for t in tasks
-                    },
-                    "study": study,
-                }
-            )
-    return items
-
-
-def train_module(
-    module: FinetuneModule, train_items: list[dict], val_items: list[dict], cfg: TrainConfig
-) -> FinetuneModule:
-    """Fit ``module`` with a CPU/GPU Lightning trainer (no logger, no checkpoints)."""
-    from torch.utils.data import DataLoader
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    loader = DataLoader(train_items, batch_size=cfg.batch_size, shuffle=True, collate_fn=_collate)
-    val = (
-        DataLoader(val_items, batch_size=cfg.batch_size, collate_fn=_collate) if val_items else None
-    )
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    trainer.fit(module, loader, val)
-    return module
-
-
-@torch.no_grad()
-def predict_studies(module: FinetuneModule, items: list[dict], batch_size: int) -> dict[str, dict]:
-    """``{task: {study: prediction}}``: the mean of each study's series predictions."""
-    module.eval()
-    sums: dict[str, dict[str, Tensor]] = {t.name: {} for t in module.tasks}
-    counts: dict[str, int] = {}
-    for i in range(0, len(items), batch_size):
-        batch = _collate(items[i : i + batch_size])
-        outputs = module(batch["image"], batch["modality"])
-        for t in module.tasks:
-            pred = t.decode(outputs[t.name]).reshape(len(batch["study"]), -1)
-            for study, p in zip(batch["study"], pred, strict=True):
-                sums[t.name][study] = sums[t.name].get(study, 0) + p
-        for study in batch["study"]:
-            counts[study] = counts.get(study, 0) + 1
-    return {n: {s: (v / counts[s]).tolist() for s, v in d.items()} for n, d in sums.items()}
 
 
 # ---- the job ----------------------------------------------------------------------------------
@@ -498,7 +261,9 @@ def _run_module_job(cfg, loaded, table, samples, transform) -> dict[str, Any]:
         cfg.train.weight_decay,
     )
     modality = MODALITIES.index(cfg.data.modality)
-    items = {n: _items(data, cfg.tasks, split.of(n), modality) for n in ("train", "val", "test")}
+    items = {
+        n: series_items(data, cfg.tasks, split.of(n), modality) for n in ("train", "val", "test")
+    }
     train_module(module, items["train"], items["val"], cfg.train)
     preds = predict_studies(module, items["test"], cfg.train.batch_size)
     return {"split": split, "predictions": preds, "rows": data.rows, "losses": module.losses}
