@@ -229,10 +229,13 @@ def exclusion_rows(
 
     n = filter_pass(streams["none"], frozenset())
     f_none, f_list = [], []
-    for _ in range(PAIRS):
-        f_none.append(timed(filter_pass, streams["none"], frozenset())[0] / n)
-        f_list.append(timed(filter_pass, streams["list"], worker_drop)[0] / n)
-    f0, f1 = statistics.median(f_none), statistics.median(f_list)
+    for e in range(2 * PAIRS):  # a few ms a pass: the shortest of interleaved passes is its cost
+        for none in (True, False) if e % 2 == 0 else (False, True):
+            if none:
+                f_none.append(timed(filter_pass, streams["none"], frozenset())[0] / n)
+            else:
+                f_list.append(timed(filter_pass, streams["list"], worker_drop)[0] / n)
+    f0, f1 = min(f_none), min(f_list)
     patients = [f"{i % max(2, n // 2):024x}" for i in range(n)] * 2000  # the bench's pseudonyms
     full = frozenset(big)
 
@@ -264,7 +267,7 @@ def exclusion_rows(
          f"{statistics.median(rates['list']):.1f}",
          f"x{statistics.median(ratios):.3f} of none ({r_none:.1f}), median of {PAIRS}"
          f" interleaved pairs (x{min(ratios):.3f}..x{max(ratios):.3f})"),
-        ("  filter stage alone, meta only (ms/sample)", f"{f1 * 1e3:.3f}",
+        (f"  filter stage alone, meta only, best of {2 * PAIRS} (ms/sample)", f"{f1 * 1e3:.3f}",
          f"vs {f0 * 1e3:.3f} with none: {(f1 - f0) / per_sample:+.2%} of a sample's time"),
         (f"  membership check, the {n_excl:,} set (us/sample)", f"{c_full * 1e6:.3f}",
          f"{c_full / per_sample:.4%} of a sample's time ({per_sample * 1e3:.1f} ms)"),

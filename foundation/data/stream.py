@@ -250,9 +250,12 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{self.exclusion}: made under another pseudonymisation key than the manifest"
             )
-        opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
-        if self._patients is not None:  # iterates the smaller set: the manifest's patients
-            opted_out = self._patients.intersection(opted_out)
+        if self._patients is None:
+            opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
+        elif hasattr(lst, "among"):  # ExclusionList: no set of the whole list built
+            opted_out = lst.among(self._patients)
+        else:
+            opted_out = self._patients.intersection(lst.pseudonyms)
         return (opted_out | self._split_drop if self._split_drop else opted_out), lst.version
 
     def _plans(
