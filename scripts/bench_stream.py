@@ -13,9 +13,13 @@ Figures (printed as ratios against their baselines):
   image only when asked) vs ``cat`` of the same shards; the stream itself reads only the crop
   boxes of a local 3D volume (``npy_slab``): its image bytes read per sample, and those bytes
   per second at the measured samples/s, are printed beside (bytes actually read, not stored);
-- the exclusion filter's cost with 1,000,000 excluded pseudonyms (planning + filter), and
-  loading that list as each epoch start does (load + version + pseudonyms), from the binary
-  sidecar and from the JSON alone;
+- the exclusion filter's cost with a real list file of 1,000,000 pseudonyms (``save``: JSON
+  and sidecar) through the real ``ShardStream`` path: the median samples/s ratio of
+  interleaved (no list, list) epochs; the filter stage alone (meta only) and its membership
+  checks per sample, as a share of the per-sample pipeline time; the per-epoch fixed cost
+  (list load at set-up + the epoch state sent to each worker) as a share of an epoch at the
+  issue's scale (``--epoch-samples`` over ``--ranks`` x ``--workers`` workers at this run's
+  per-worker samples/s); loading the list from the sidecar and from the JSON alone;
 - ``.npy`` vs compressed forms (zlib-1; zstd-1 and zstd-3 when ``zstandard`` is importable) on
   size and decode speed (bytes in memory -> array; ``.npy`` by ``np.load`` and by the reader's
   zero-copy ``decode_npy``).
@@ -27,18 +31,17 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import statistics
 import subprocess
 import tempfile
 import time
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import torch
 
-from foundation.data.plan import plan_epoch
 from foundation.data.stream import ShardStream
 from foundation.data.transforms import train_transform
 from foundation.sample import Sample, sample_key
@@ -48,6 +51,7 @@ from foundation.shards.reader import decode_npy, iter_shard, load_image
 from foundation.shards.writer import ShardWriter
 
 REPEATS = 3
+PAIRS = 5  # interleaved (no list, list) epochs for the exclusion ratio
 
 try:
     import zstandard
@@ -178,12 +182,118 @@ def compression_rows(vol: np.ndarray, reps: int = 5) -> list[tuple[str, str, str
     return rows
 
 
+def make_stream(manifest: Manifest, exclusion: Path | None, crop: tuple[int, ...]) -> ShardStream:
+    """The bench's stream: one process, batches of 2 crops, the real exclusion-list loader."""
+    return ShardStream(
+        manifest, exclusion, transform_3d=train_transform(3, crop), batch_size=2, seed=0,
+        rank=0, world_size=1,
+    )  # fmt: skip
+
+
+def exclusion_rows(
+    root: Path, manifest: Manifest, crop: tuple[int, ...], args: argparse.Namespace
+) -> list[tuple[str, str, str]]:
+    """The exclusion list's cost, through the real list file and the real stream path."""
+    from foundation.privacy.exclusion import ExclusionEntry, ExclusionList
+
+    n_excl = args.excluded
+    big = [f"{i:024x}" for i in range(10**12, 10**12 + n_excl)]  # none of the bench's patients
+    lst = ExclusionList(ExclusionEntry(p, "opposition", "2024-01-01") for p in big)
+    path = root / "exclusions.json"
+    lst.save(path)  # the JSON and its binary sidecar, as `foundation optout import` leaves them
+    streams = {"none": make_stream(manifest, None, crop), "list": make_stream(manifest, path, crop)}
+
+    # End to end, interleaved: epoch e of both streams reads the same crops; the order within
+    # a pair alternates so that a drift of the machine's load does not favour one side.
+    rates: dict[str, list[float]] = {"none": [], "list": []}
+    setup: dict[str, list[float]] = {"none": [], "list": []}
+    for e in range(PAIRS):
+        for name in ("none", "list") if e % 2 == 0 else ("list", "none"):
+            s = streams[name]
+            setup[name].append(timed(s.set_epoch, e + 1)[0])  # reloads the list
+            n = len(s) * 2
+            rates[name].append(rate(n, timed(lambda s=s: sum(len(b["key"]) for b in s))[0]))
+    ratios = [b / a for a, b in zip(rates["none"], rates["list"], strict=True)]
+    r_none = statistics.median(rates["none"])
+    per_sample = 1.0 / r_none  # s per sample of the whole pipeline, one core
+
+    # The filter stage alone (tar members + meta.json + the checks, no image read), with the
+    # stream's own worker set and with none; and the membership checks alone.
+    worker_drop = streams["list"]._state.drop  # what each worker receives for the epoch
+    shards = [
+        (str(p), r.path) for p, r in zip(manifest.shard_paths(), manifest.shards, strict=True)
+    ]
+
+    def filter_pass(s: ShardStream, drop: frozenset[str]) -> int:
+        return sum(1 for u, name in shards for _ in s._exclusion_filter(iter_shard(u), name, drop))
+
+    n = filter_pass(streams["none"], frozenset())
+    f_none, f_list = [], []
+    for e in range(2 * PAIRS):  # a few ms a pass: the shortest of interleaved passes is its cost
+        for none in (True, False) if e % 2 == 0 else (False, True):
+            if none:
+                f_none.append(timed(filter_pass, streams["none"], frozenset())[0] / n)
+            else:
+                f_list.append(timed(filter_pass, streams["list"], worker_drop)[0] / n)
+    f0, f1 = min(f_none), min(f_list)
+    patients = [f"{i % max(2, n // 2):024x}" for i in range(n)] * 2000  # the bench's pseudonyms
+    full = frozenset(big)
+
+    def check_s(drop: frozenset[str]) -> float:  # s per membership check
+        return best(REPEATS, lambda: sum(p in drop for p in patients)) / len(patients)
+
+    c_full, c_worker = check_s(full), check_s(worker_drop)
+
+    # Per-epoch fixed cost at the issue's scale: each rank's main process loads the list and
+    # plans (set-up), then sends every worker the epoch state (pickled under spawn/forkserver;
+    # a fork start copies it on write): W x that. An epoch lasts epoch_samples / (R x W x r).
+    ranks, workers = args.ranks, args.workers
+    t_set = statistics.median(setup["list"])
+    t_set0 = statistics.median(setup["none"])
+    t_send, blob = timed(pickle.dumps, streams["list"])
+    blob0 = pickle.dumps(streams["none"])
+    t_old, old = timed(pickle.dumps, full)  # what each worker was sent before: the whole set
+    epoch_s = args.epoch_samples / (ranks * workers * r_none)
+    fixed = t_set + workers * t_send
+    t_json, _ = timed(lambda: ExclusionList.load(path, cache=False))
+    t_side, loaded = timed(ExclusionList.load, path)
+    assert loaded.version == lst.version and len(loaded.pseudonyms) == n_excl
+    scale = (
+        f"{args.epoch_samples:,} samples/epoch over {ranks} ranks x {workers} workers"
+        f" at {r_none:.1f} samples/s each: epoch {epoch_s:.0f} s"
+    )
+    return [
+        (f"samples/s ShardStream, list of {n_excl:,} (real file)",
+         f"{statistics.median(rates['list']):.1f}",
+         f"x{statistics.median(ratios):.3f} of none ({r_none:.1f}), median of {PAIRS}"
+         f" interleaved pairs (x{min(ratios):.3f}..x{max(ratios):.3f})"),
+        (f"  filter stage alone, meta only, best of {2 * PAIRS} (ms/sample)", f"{f1 * 1e3:.3f}",
+         f"vs {f0 * 1e3:.3f} with none: {(f1 - f0) / per_sample:+.2%} of a sample's time"),
+        (f"  membership check, the {n_excl:,} set (us/sample)", f"{c_full * 1e6:.3f}",
+         f"{c_full / per_sample:.4%} of a sample's time ({per_sample * 1e3:.1f} ms)"),
+        (f"  membership check, the workers' set ({len(worker_drop)}) (us/sample)",
+         f"{c_worker * 1e6:.3f}", f"{c_worker / per_sample:.4%} of a sample's time"),
+        ("  epoch set-up with the list: load + plan (s)", f"{t_set:.2f}",
+         f"vs {t_set0:.3f} s with none"),
+        ("  epoch state sent to each worker (ms)", f"{t_send * 1e3:.1f}",
+         f"{len(blob) / 1e6:.2f} MB ({len(blob0) / 1e6:.2f} MB with none; the whole set"
+         f" was {len(old) / 1e6:.0f} MB, {t_old * 1e3:.0f} ms)"),
+        ("  per-epoch fixed cost: set-up + W x state (s)", f"{fixed:.2f}",
+         f"{fixed / epoch_s:.3%} of an epoch ({scale})"),
+        (f"ExclusionList.load {n_excl:,}, sidecar (s)", f"{t_side:.2f}",
+         f"JSON only {t_json:.2f} s: sidecar x{t_json / t_side:.1f} faster"),
+    ]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny volumes for CI (< 30 s)")
     ap.add_argument("--full", action="store_true", help="512x512x160 volumes")
     ap.add_argument("--volumes", type=int, default=None)
-    ap.add_argument("--excluded", type=int, default=1_000_000)
+    ap.add_argument("--excluded", type=int, default=None, help="default 1M (--small: 100k)")
+    ap.add_argument("--epoch-samples", type=int, default=420_000, help="issue scale")
+    ap.add_argument("--ranks", type=int, default=8, help="issue scale")
+    ap.add_argument("--workers", type=int, default=8, help="dataloader workers per rank")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per-core cost, as in a DataLoader worker
     if args.small:
@@ -192,6 +302,8 @@ def main() -> None:
         shape, crop, n = (512, 512, 160), (160, 160, 96), args.volumes or 24
     else:
         shape, crop, n = (256, 256, 96), (128, 128, 64), args.volumes or 32
+    if args.excluded is None:
+        args.excluded = 100_000 if args.small else 1_000_000
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -200,22 +312,16 @@ def main() -> None:
         print(f"{n} volumes {shape} int16, crop {crop}; built in {t_build:.1f} s")
 
         # -- ours: decode + crop + window, batches of 2 --------------------------------------
-        def ours(excluded: frozenset[str] = frozenset()) -> tuple[float, float]:
-            """(samples/s over the epoch, seconds to set the epoch up)."""
-            lst = SimpleNamespace(pseudonyms=excluded, version="bench", key_id=None)
-            stream = ShardStream(
-                manifest, "bench" if excluded else None, exclusion_loader=lambda _: lst,
-                transform_3d=train_transform(3, crop), batch_size=2, seed=0,
-                rank=0, world_size=1,
-            )  # fmt: skip
-            t_setup, _ = timed(stream.set_epoch, 0)
+        def ours() -> float:
+            """samples/s over the epoch (best of REPEATS passes)."""
+            stream = make_stream(manifest, None, crop)
+            stream.set_epoch(0)
             samples = len(stream) * 2  # batches of 2, the same count every epoch
-            t = best(REPEATS, lambda: sum(len(b["key"]) for b in stream))
-            return rate(samples, t), t_setup
+            return rate(samples, best(REPEATS, lambda: sum(len(b["key"]) for b in stream)))
 
         ours()  # warm-up (imports, page cache)
         read_stats.clear()
-        r_ours, setup0 = ours()
+        r_ours = ours()
         box_bytes = read_stats["bytes"] / (REPEATS * n)  # per sample (REPEATS passes of n)
 
         # -- MONAI from NIfTI, and PersistentDataset ---------------------------------------
@@ -283,48 +389,7 @@ def main() -> None:
              f"x{box_bytes * r_ours * t_cat / total_bytes:.2f} of cat (compute-bound)"),
         ]  # fmt: skip
 
-        # -- exclusion filter with 1M pseudonyms -----------------------------------------
-        big = frozenset(f"{i:024x}" for i in range(10**12, 10**12 + args.excluded))
-        shards = [(s.path, s.patients) for s in manifest.shards]
-        plan_epoch(shards, big, seed=0, epoch=0, world_size=8, num_workers=8, batch_size=2)
-        t_plan0, _ = timed(lambda: plan_epoch(shards, frozenset(), seed=0, epoch=0,
-                           world_size=8, num_workers=8, batch_size=2))  # fmt: skip
-        t_plan1, _ = timed(lambda: plan_epoch(shards, big, seed=0, epoch=0,
-                           world_size=8, num_workers=8, batch_size=2))  # fmt: skip
-        r_none, _ = ours()  # measured again next to it: the machine's load drifts
-        r_excl, setup1 = ours(big)
-        t_pickle, blob = timed(pickle.dumps, big)
-        rows.append(
-            (f"pickle {len(big):,} pseudonyms to a worker (ms)", f"{t_pickle * 1e3:.0f}",
-             f"{len(blob) / 1e6:.0f} MB per worker per epoch")
-        )  # fmt: skip
-        if not args.small:  # the real list file, reloaded at each epoch start
-            from foundation.privacy.exclusion import ExclusionEntry, ExclusionList
-
-            lst = ExclusionList(ExclusionEntry(p, "opposition", "2024-01-01") for p in big)
-            lst.save(root / "exclusions.json")  # writes the binary sidecar too
-            t_load, _ = timed(ExclusionList.load, root / "exclusions.json")
-            rows.append((f"ExclusionList.load, {len(big):,} entries (s)", f"{t_load:.2f}", ""))
-
-            def epoch_start(cache: bool) -> None:  # what the stream does at each epoch start
-                loaded = ExclusionList.load(root / "exclusions.json", cache=cache)
-                assert loaded.version == lst.version and len(loaded.pseudonyms) == len(big)
-
-            t_warm, _ = timed(epoch_start, True)
-            t_cold, _ = timed(epoch_start, False)
-            rows += [
-                ("  load + version + pseudonyms, sidecar (s)", f"{t_warm:.2f}", ""),
-                ("  load + version + pseudonyms, JSON only (s)", f"{t_cold:.2f}",
-                 f"sidecar x{t_cold / t_warm:.1f} faster"),
-            ]  # fmt: skip
-        rows += [
-            (f"plan an epoch, {len(big):,} excluded (ms)", f"{t_plan1 * 1e3:.2f}",
-             f"vs {t_plan0 * 1e3:.2f} ms with none"),
-            (f"epoch set-up, {len(big):,} excluded (ms)", f"{setup1 * 1e3:.0f}",
-             f"vs {setup0 * 1e3:.0f} ms with none"),
-            (f"samples/s ShardStream, {len(big):,} excluded", f"{r_excl:.1f}",
-             f"x{r_excl / r_none:.2f} of none ({r_none:.1f})"),
-        ]  # fmt: skip
+        rows += exclusion_rows(root, manifest, crop, args)
 
         # -- .npy vs compressed -----------------------------------------------------------
         rows += compression_rows(ct_volume(np.random.default_rng(1), shape))

@@ -156,3 +156,15 @@ def test_load_refuses_edited_or_broken_files(tmp_path: Path, requests_csv: Path)
     assert len(ExclusionList.load(tmp_path / "absent.json", missing_ok=True)) == 0
     with pytest.raises(ExclusionError):
         ExclusionList([ExclusionEntry("abc", "forget", "2024-01-01")])
+
+
+def test_among_gives_the_listed_patients_of_a_dataset(tmp_path):
+    entries = [ExclusionEntry(f"p{i:03d}", "opposition", "2024-01-01") for i in range(50)]
+    entries.append(ExclusionEntry("p007", "erasure", "2024-02-01"))
+    built = ExclusionList(entries)
+    built.save(tmp_path / "e.json")
+    dataset = {"p007", "p049", "p050", "q1"}
+    for lst in (built, ExclusionList.load(tmp_path / "e.json"),
+                ExclusionList.load(tmp_path / "e.json", cache=False)):  # fmt: skip
+        assert lst.among(dataset) == {"p007", "p049"} == lst.pseudonyms & dataset
+        assert lst.among(set()) == frozenset()

@@ -292,6 +292,106 @@ def test_corrupt_shard_skipped_counted_or_raised(tmp_path):
         run_rank(make(manifest, None, rank=0, world_size=1, on_error="raise"))
 
 
+def _volume_dataset(root: Path, n: int = 12) -> Path:
+    """3D volumes large enough that a crop reads a part of them (read by boxes)."""
+    rng = np.random.default_rng(1)
+    with ShardWriter(root / "shards", max_samples=4) as w:
+        for i in range(n):
+            meta = {"patient": _patient(i % 3), "study": f"{i:08x}", "modality": "CT",
+                    "dims": 3, "spacing": [1.0] * 3, "shape": [8, 8, 4]}  # fmt: skip
+            image = rng.integers(-1000, 1000, (8, 8, 4)).astype(np.int16)
+            w.write(Sample(sample_key(meta["study"], 0), image, meta, "r"))
+    manifest = Manifest(dataset="vol", key_id="k0", shards=w.close(), shard_root="shards")
+    return manifest.save(root / "vol-v1.json")
+
+
+def test_crop_read_error_after_header_is_skipped_counted_or_raised(tmp_path, monkeypatch):
+    """An I/O error while the transform reads a crop box (the header was read cleanly) skips
+    the sample, counts it as corrupt and keeps the planned batches; ``raise`` raises."""
+    import foundation.shards.npy_slab as slab
+
+    manifest = _volume_dataset(tmp_path)
+    kw = dict(rank=0, world_size=1, num_workers=2, shuffle_block=4)
+    kw["transform_3d"] = train_transform(3, (4, 4, 4))
+    clean = make(manifest, None, **kw)
+    expected = run_rank(clean)
+    assert clean.stats["corrupt"] == 0 and len(expected) == 12 // 2
+
+    real, calls = slab._pread_into, Counter()
+
+    def flaky(fd, view, offset):  # preads 3 and 4 fail (2 samples), as a disk error would
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            raise OSError(5, "Input/output error")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(slab, "_pread_into", flaky)
+    s = make(manifest, None, **kw)
+    batches = run_rank(s)
+    assert len(batches) == len(expected)  # the job goes on with its planned batches
+    assert all(len(b["key"]) == 2 for b in batches)
+    assert s.stats["corrupt"] == 2 and s.stats["padded"] == 2
+    got = Counter(k for b in batches for k in b["key"])
+    assert sum(got.values()) == 12 and len(got) == 12 - 2  # two replaced by repeats
+    calls.clear()
+    with pytest.raises(Exception, match=r"\.tar: corrupt or truncated"):
+        run_rank(make(manifest, None, on_error="raise", **kw))
+
+
+def test_crop_read_of_a_shard_truncated_after_its_headers_were_read(tmp_path):
+    """The shard file is cut while the volumes of a shuffle block are open (headers read):
+    their crop reads fail; skipped and counted, the planned batches still come out."""
+    manifest = _volume_dataset(tmp_path, n=8)
+    victim = Manifest.load(manifest).shard_paths()[0]
+    cut = train_transform(3, (4, 4, 4))
+
+    def transform(image, meta):
+        if victim.stat().st_size > 1024:  # first call: the block's headers are read already
+            with open(victim, "r+b") as f:
+                f.truncate(1024)  # keeps the first member's header only
+        return cut(image, meta)
+
+    transform.reads_boxes = True
+    transform.set_random_state = cut.set_random_state
+    s = make(manifest, None, rank=0, world_size=1, shuffle=False, transform_3d=transform)
+    batches = run_rank(s)
+    assert len(batches) == 8 // 2 and sum(len(b["key"]) for b in batches) == 8
+    # shuffle off: the one block holds every volume, opened before the first crop read, so
+    # all 4 of the cut shard fail in the transform (a volume's data lies past byte 1024)
+    assert s.stats["corrupt"] == s.stats["padded"] == 4
+
+
+def test_workers_receive_only_the_manifests_excluded_patients(dataset, tmp_path):
+    """A list of many pseudonyms, a few of this dataset: the epoch state sent to workers holds
+    the dataset's excluded patients only, and the filter still drops them."""
+    lst = ExclusionList(
+        [ExclusionEntry(f"{10**12 + i:024x}", "opposition", "2024-01-01") for i in range(5000)]
+        + [ExclusionEntry(_patient(p), "erasure", "2024-01-01") for p in (2, 6)]
+    )
+    lst.save(tmp_path / "excl.json")
+    s = make(dataset, tmp_path / "excl.json", rank=0, world_size=1, num_workers=2)
+    s.set_epoch(0)
+    assert s._state.drop == {_patient(2), _patient(6)}
+    assert s._state.exclusion_version == lst.version
+    seen = {p for b in run_rank(s) for p in b["patient"]}
+    assert seen and not {_patient(2), _patient(6)} & seen
+
+
+def test_a_patient_the_manifest_does_not_list_is_never_yielded(tmp_path):
+    """The manifest of a shard omits a patient (stale or edited): that patient's samples are
+    dropped and counted, whatever the exclusion list holds."""
+    manifest = build_dataset(tmp_path, n3=12, n2=0, max_samples=4)
+    m = Manifest.load(manifest)
+    hidden = _patient(2)  # sample 2 only, in the first shard
+    rec = next(r for r in m.shards if hidden in r.patients)
+    rec.patients[_patient(99)] = rec.patients.pop(hidden)  # counts still add up
+    m.save(manifest)
+    s = make(manifest, None, rank=0, world_size=1)
+    batches = run_rank(s)
+    assert s.stats["unlisted"] == 1 and len(batches) == 12 // 2
+    assert hidden not in {p for b in batches for p in b["patient"]}
+
+
 def test_missing_shard_and_revoked_manifest(tmp_path):
     manifest = build_dataset(tmp_path, n3=4, n2=0)
     m = Manifest.load(manifest)

@@ -6,13 +6,17 @@ are homogeneous in dims and interleaved by a seeded schedule shared by all ranks
 
     pieces   = plan.pieces(rank, worker)                 # pure: manifest counts - exclusions
     raw      = iter_shard(url)                           # tar members; local images read lazily
-    kept     = exclusion_filter(raw)                     # reads meta.json only, no image read
+    kept     = exclusion_filter(raw)                     # reads meta.json only, no image read;
+                                                         # drops patients the manifest does
+                                                         # not list for the shard, too
     window   = islice(kept, piece.first, piece.end)      # the kept samples this piece owns
     volumes  = decode(window)                            # img.npy -> array, or a volume read
                                                          # by crop boxes; corrupt -> skipped
     volumes  = pad_shortfall(volumes)                    # keep the planned count (DDP-safe)
     volumes  = block_shuffle(volumes)                    # seeded permutation per block
-    crops    = augment(volumes)                          # MONAI, seeded per (seed, epoch, key)
+    crops    = augment(volumes)                          # MONAI, seeded per (seed, epoch, key);
+                                                         # a crop box unreadable -> skipped,
+                                                         # the last good crops repeated
     batches  = collate(crops) + tokenize(reports)
 
 Exact resume: every random choice is a pure function of (seed, epoch, position or key), never of
@@ -23,8 +27,13 @@ loss, a different order). Steps are counted in the process that consumes the bat
 ``consumed(n)`` (the data module does it) or automatically when iterated without workers.
 
 The exclusion list is (re)loaded in the main process at each epoch start (``set_epoch`` or the
-first iteration of ``EpochLoader``), so every worker plans and filters with the same list. Use
-``EpochLoader`` (``persistent_workers`` must stay off: workers receive the epoch's plan anew).
+first iteration of ``EpochLoader``), so every worker plans and filters with the same list (one
+version per epoch). Workers receive only the excluded patients the manifest holds (the list's
+intersection with the manifest's patients, usually a few hundred, not the 1M-entry list: no
+per-worker copy or pickling of it), and their filter also drops any sample whose patient the
+manifest does not list for that shard, so a patient missing from the manifest cannot slip
+past the smaller set. Use ``EpochLoader`` (``persistent_workers`` must stay off: workers
+receive the epoch's plan anew).
 """
 
 from __future__ import annotations
@@ -107,7 +116,7 @@ class _Epoch:
     start_steps: int  # steps already consumed when this epoch (segment) starts
     layout: dict[str, Any]
     base: dict[int, list[tuple[int, int]] | None]  # remaining intervals planned over (resume)
-    drop: frozenset[str]  # excluded patients + patients of the other split
+    drop: frozenset[str]  # excluded patients of this manifest + patients of the other split
     exclusion_version: str | None
     started: bool = False
 
@@ -175,6 +184,13 @@ class ShardStream(IterableDataset):
                 self._shards[rec.dim].append((rec.path, rec.patients))
             except ValueError as e:
                 raise ValueError(f"{self.manifest.location}: {e}") from None
+        # Where every shard lists its patients with their sample counts (what ShardWriter
+        # records), the workers need only the excluded patients among them (see the docstring).
+        complete = all(sum(r.patients.values()) == r.samples for r in self.manifest.shards)
+        self._listed: dict[str, dict[str, int]] | None = (
+            {r.path: r.patients for r in self.manifest.shards} if complete else None
+        )
+        self._patients = frozenset(self.manifest.patients()) if complete else None
         self._split_drop = frozenset(
             p
             for p in self.manifest.patients()
@@ -234,7 +250,12 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{self.exclusion}: made under another pseudonymisation key than the manifest"
             )
-        opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
+        if self._patients is None:
+            opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
+        elif hasattr(lst, "among"):  # ExclusionList: no set of the whole list built
+            opted_out = lst.among(self._patients)
+        else:
+            opted_out = self._patients.intersection(lst.pseudonyms)
         return (opted_out | self._split_drop if self._split_drop else opted_out), lst.version
 
     def _plans(
@@ -388,11 +409,21 @@ class ShardStream(IterableDataset):
         return self.shard_url.format(path=shard, root=root)
 
     def _exclusion_filter(self, raw: Iterator[dict], shard: str, drop: frozenset[str]) -> Iterator:
-        """Drop samples of excluded patients, reading meta.json only (no image decode)."""
+        """Drop samples of excluded patients, reading meta.json only (no image decode), and
+        samples of a patient the manifest does not list for ``shard`` (``drop`` holds only
+        the listed ones: an unlisted patient could be an excluded one)."""
+        listed = None if self._listed is None else self._listed.get(shard, {})
         for sample in raw:
             meta = decode_meta(sample, shard)
-            if meta.get("patient") in drop:
+            patient = meta.get("patient")
+            if patient in drop:
                 self.stats["excluded"] += 1
+                continue
+            if listed is not None and patient not in listed:
+                if not self.stats["unlisted"]:
+                    log.warning("%s: a sample of a patient the manifest does not list, dropped"
+                                " (counted in stats['unlisted'])", shard)  # fmt: skip
+                self.stats["unlisted"] += 1
                 continue
             sample["meta"] = meta
             yield sample
@@ -476,17 +507,40 @@ class ShardStream(IterableDataset):
                 yield block[i]
 
     def _augment(self, samples: Iterator[dict], dims: int, epoch: int) -> Iterator[list[dict]]:
-        """MONAI transform, seeded per (seed, epoch, key): a volume gives its crops."""
+        """MONAI transform, seeded per (seed, epoch, key): a volume gives its crops.
+
+        A transform that reads crop boxes may meet a read error after the header was read
+        cleanly (a shard cut or an I/O error meanwhile): the sample is skipped and counted as
+        corrupt, and its place taken by the last good sample's crops (the next good one's when
+        none came yet), so the worker still yields its planned batches (see ``_volumes``)."""
         transform = self.transforms[dims]
+        last, owed = None, 0
         for s in samples:
             if hasattr(transform, "set_random_state"):
                 transform.set_random_state(_seed(self.seed, epoch, s["key"]) % 2**32)
-            out = transform(s["image"], s["meta"])
+            try:
+                out = transform(s["image"], s["meta"])
+            except ShardReadError as e:
+                if self.on_error == "raise":
+                    raise
+                self.stats["corrupt"] += 1
+                self.stats["padded"] += 1
+                log.warning("skipping a sample: %s", e)
+                if last is None:
+                    owed += 1
+                else:
+                    yield last
+                continue
             crops = [out] if isinstance(out, torch.Tensor) else list(out)
-            yield [
+            group = [
                 {"image": c, "key": s["key"], "meta": s["meta"], "report": s["report"]}
                 for c in crops
             ]
+            for _ in range(owed + 1):
+                yield group
+            last, owed = group, 0
+        if owed:
+            raise RuntimeError(f"no readable {dims}D sample among this worker's samples")
 
     def _collate(self, crops: list[dict]) -> dict[str, Any]:
         """Crops -> the training batch dict (contract in the brief / DESIGN)."""

@@ -21,7 +21,7 @@ import json
 import operator
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _encode_str  # what json.dumps uses
 from pathlib import Path
@@ -177,6 +177,15 @@ class ExclusionList:
             keys = self._rows.pseudonyms if self._dict is None else (p for p, _ in self._dict)  # type: ignore[union-attr]
             self._memo["pseudonyms"] = frozenset(keys)
         return self._memo["pseudonyms"]
+
+    def among(self, patients: Set[str]) -> frozenset[str]:
+        """The excluded patients among ``patients`` (a dataset's): for a loaded list, one pass
+        over its sorted column, without building the set of the whole list (the stream calls
+        this at each epoch start: 1M pseudonyms hash into a set in a quarter of a second)."""
+        if self._dict is None and "pseudonyms" not in self._memo:
+            assert self._rows is not None
+            return frozenset(patients).intersection(self._rows.pseudonyms)
+        return frozenset(patients).intersection(self.pseudonyms)
 
     def pseudonyms_for(self, request_type: str) -> frozenset[str]:
         """Patients with a request of ``request_type`` ("erasure": shards to rewrite)."""
