@@ -42,6 +42,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from foundation.data.exclusion_filter import exclusion_filter
 from foundation.data.stream import ShardStream
 from foundation.data.transforms import train_transform
 from foundation.sample import Sample, sample_key
@@ -225,7 +226,14 @@ def exclusion_rows(
     ]
 
     def filter_pass(s: ShardStream, drop: frozenset[str]) -> int:
-        return sum(1 for u, name in shards for _ in s._exclusion_filter(iter_shard(u), name, drop))
+        def listed(name: str) -> dict[str, int] | None:  # as the stream's own filter stage
+            return None if s._listed is None else s._listed.get(name, {})
+
+        return sum(
+            1
+            for u, name in shards
+            for _ in exclusion_filter(iter_shard(u), name, drop, listed(name), s.stats)
+        )
 
     n = filter_pass(streams["none"], frozenset())
     f_none, f_list = [], []

@@ -33,7 +33,8 @@ intersection with the manifest's patients, usually a few hundred, not the 1M-ent
 per-worker copy or pickling of it), and their filter also drops any sample whose patient the
 manifest does not list for that shard, so a patient missing from the manifest cannot slip
 past the smaller set. Use ``EpochLoader`` (``persistent_workers`` must stay off: workers
-receive the epoch's plan anew).
+receive the epoch's plan anew). The stages live in ``worker_stages``, the exclusion list and
+filter in ``exclusion_filter``, the epoch state and resume bookkeeping in ``stream_state``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,31 +51,35 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from foundation.data.exclusion_filter import load_excluded, load_exclusion_list
 from foundation.data.plan import (
     EpochPlan,
     Piece,
-    advance,
     batch_schedule,
     cap_by_ratio,
     plan_epoch,
-    remaining_after,
     worker_dims_counts,
 )
-from foundation.sample import MODALITIES
-from foundation.shards.manifest import Manifest
-from foundation.shards.npy_slab import open_volume
-from foundation.shards.reader import (
-    ShardReadError,
-    decode_meta,
-    decode_report,
-    iter_shard,
-    load_image,
+from foundation.data.stream_state import (
+    STATE_FORMAT,
+    EpochState,
+    resume_point,
+    state_from_dict,
+    state_to_dict,
 )
+from foundation.data.worker_stages import (
+    Tokenize,
+    Transform,
+    augment,
+    block_permutation,
+    block_shuffle,
+    collate,
+    pad_shortfall,
+    read_piece,
+)
+from foundation.shards.manifest import Manifest
 
 log = logging.getLogger(__name__)
-STATE_FORMAT = 1
-Transform = Callable[[np.ndarray, dict], "torch.Tensor | list[torch.Tensor]"]
-Tokenize = Callable[[list[str]], Any]
 
 
 def as_tensor(image: np.ndarray, meta: dict) -> list[torch.Tensor]:
@@ -87,38 +91,6 @@ def in_val_split(patient: str, fraction: float) -> bool:
     """Patient-level split: a stable hash of the pseudonym below ``fraction`` -> validation."""
     h = int.from_bytes(hashlib.sha256(f"val-split:{patient}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big")
-
-
-def manifest_key_ids(manifest: Any) -> set[str]:
-    """Key fingerprints of a dataset (several for one merged from several centres)."""
-    from foundation.governance.merge import manifest_key_ids as ids
-
-    return set(ids(manifest))
-
-
-def _load_exclusion_list(path: str) -> Any:
-    from foundation.privacy.exclusion import ExclusionList  # another module of the project
-
-    return ExclusionList.load(path)
-
-
-@dataclass
-class _Epoch:
-    """What every worker needs for one epoch (pickled into the workers)."""
-
-    epoch: int
-    plans: dict[int, EpochPlan | None]
-    schedule: tuple[int, ...]  # dims of each step, same on every rank
-    start_steps: int  # steps already consumed when this epoch (segment) starts
-    layout: dict[str, Any]
-    base: dict[int, list[tuple[int, int]] | None]  # remaining intervals planned over (resume)
-    drop: frozenset[str]  # excluded patients of this manifest + patients of the other split
-    exclusion_version: str | None
-    started: bool = False
 
 
 class ShardStream(IterableDataset):
@@ -160,7 +132,7 @@ class ShardStream(IterableDataset):
         if on_error not in ("skip", "raise"):
             raise ValueError("on_error must be 'skip' or 'raise'")
         self.exclusion = None if exclusion is None else str(exclusion)
-        self.exclusion_loader = exclusion_loader or _load_exclusion_list
+        self.exclusion_loader = exclusion_loader or load_exclusion_list
         self.transforms = {2: transform_2d or as_tensor, 3: transform_3d or as_tensor}
         # dims whose transform reads crop boxes itself: local images stay unread until then
         self._box_dims = tuple(
@@ -172,7 +144,7 @@ class ShardStream(IterableDataset):
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
         self.on_error, self.shard_url, self.count_yielded = on_error, shard_url, count_yielded
         self.epoch = 0
-        self._state: _Epoch | None = None
+        self._state: EpochState | None = None
         self._resume: dict[str, Any] | None = None
         self._steps = 0
         self._loader_began = False
@@ -223,40 +195,15 @@ class ShardStream(IterableDataset):
         }
 
     def _load_drop(self) -> tuple[frozenset[str], str | None]:
-        """Excluded patients (plus the other split's). Under DDP every rank must plan with the
-        same list or batch counts differ and the job hangs: ranks compare versions and reload
-        (the list file is replaced atomically) until they agree."""
+        """Excluded patients of this manifest (plus the other split's) and the list's version;
+        every DDP rank plans with the same version (see ``load_excluded``)."""
         if self.exclusion is None:
             return self._split_drop, None
-        dist = torch.distributed
-        ddp = (
-            self.world_size is None
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        )
-        for _ in range(5):
-            lst = self.exclusion_loader(self.exclusion)
-            if not ddp:
-                break
-            versions: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(versions, lst.version)
-            if len(set(versions)) == 1:
-                break
-        else:
-            raise RuntimeError(f"{self.exclusion}: ranks keep reading different versions")
-        key_id = getattr(lst, "key_id", None)
-        if key_id and self.manifest.key_id and key_id not in manifest_key_ids(self.manifest):
-            raise ValueError(
-                f"{self.exclusion}: made under another pseudonymisation key than the manifest"
-            )
-        if self._patients is None:
-            opted_out = frozenset(lst.pseudonyms)  # no copy when already a frozenset
-        elif hasattr(lst, "among"):  # ExclusionList: no set of the whole list built
-            opted_out = lst.among(self._patients)
-        else:
-            opted_out = self._patients.intersection(lst.pseudonyms)
-        return (opted_out | self._split_drop if self._split_drop else opted_out), lst.version
+        opted_out, version = load_excluded(
+            self.exclusion, self.exclusion_loader, self.manifest, self._patients,
+            sync=self.world_size is None,
+        )  # fmt: skip
+        return (opted_out | self._split_drop if self._split_drop else opted_out), version
 
     def _plans(
         self, epoch: int, drop: frozenset[str], lay: dict[str, Any], base: dict[int, Any]
@@ -292,31 +239,14 @@ class ShardStream(IterableDataset):
         base: dict[int, Any] = {2: None, 3: None}
         steps = 0
         if resume is not None:
-            base = {int(d): v for d, v in resume["base"].items()}
-            if resume["exclusion_version"] != version:
-                log.warning("exclusion list changed since the checkpoint: positions reinterpreted")
-            old = resume["layout"]
-            same = {k: v for k, v in old.items() if k != "rank"} == {
-                k: v for k, v in lay.items() if k != "rank"
-            }
-            if same:
-                steps = resume["steps"]
-            else:  # replan what no rank has visited yet under the new layout
-                plans, schedule = self._plans(epoch, drop, old, base)
-                done = worker_dims_counts(schedule, old["num_workers"], resume["steps"])
-                base = {
-                    d: None
-                    if p is None
-                    else remaining_after(
-                        p,
-                        [c[d] * old[f"volumes_{d}d"] for c in done],
-                        block_size=self.shuffle_block if self.shuffle else None,
-                        permutation=self._block_permutation(epoch, d, base[d]),
-                    )
-                    for d, p in plans.items()
-                }
+            base, steps = resume_point(
+                resume, lay, version,
+                lambda layout, b: self._plans(epoch, drop, layout, b),
+                self.shuffle_block if self.shuffle else None,
+                lambda d, b: self._block_permutation(epoch, d, b),
+            )  # fmt: skip
         plans, schedule = self._plans(epoch, drop, lay, base)
-        self._state = _Epoch(epoch, plans, schedule, steps, lay, base, drop, version)
+        self._state = EpochState(epoch, plans, schedule, steps, lay, base, drop, version)
         self.epoch, self._steps = epoch, steps
         excluded = sum(r.samples - r.kept(drop) for r in self.manifest.shards) - sum(
             r.samples - r.kept(self._split_drop) for r in self.manifest.shards
@@ -360,45 +290,13 @@ class ShardStream(IterableDataset):
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the epoch: enough to resume exactly (see the module docstring)."""
-        st = self._state
-        if st is None:
-            return {"format": STATE_FORMAT, "epoch": self.epoch, "steps": 0, "fresh": True}
-        return {
-            "format": STATE_FORMAT,
-            "dataset": self.manifest.dataset,
-            "manifest_version": self.manifest.version,
-            "seed": self.seed,
-            "epoch": st.epoch,
-            "steps": self._steps,
-            "finished": self._steps >= len(st.schedule),
-            "layout": dict(st.layout),
-            "base": {str(d): v for d, v in st.base.items()},
-            "exclusion_version": st.exclusion_version,
-        }
+        return state_to_dict(self._state, self._steps, self.epoch, self.manifest, self.seed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` at the next iteration (any world size / worker count)."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unsupported stream state format {state.get('format')!r}")
-        self._state = None
-        if state.get("fresh"):
-            self.epoch, self._resume = state["epoch"], None
-            return
-        for k, mine in (("dataset", self.manifest.dataset), ("seed", self.seed)):
-            if state[k] != mine:
-                raise ValueError(f"stream state is for {k}={state[k]!r}, this stream has {mine!r}")
-        if state["manifest_version"] != self.manifest.version:
-            raise ValueError(
-                f"stream state is for manifest version {state['manifest_version']},"
-                f" this stream reads version {self.manifest.version}"
-            )
-        if state["finished"]:
-            self.epoch, self._resume = state["epoch"] + 1, None
-        else:
-            self.epoch, self._resume = state["epoch"], dict(state)
-            self._resume["base"] = {
-                d: None if v is None else [tuple(i) for i in v] for d, v in state["base"].items()
-            }
+        if state.get("format") == STATE_FORMAT:
+            self._state = None  # even if the checks below reject the state
+        self.epoch, self._resume = state_from_dict(state, self.manifest, self.seed)
 
     # ---- the worker pipeline ----------------------------------------------------------------
 
@@ -408,153 +306,32 @@ class ShardStream(IterableDataset):
             return str(root / shard)
         return self.shard_url.format(path=shard, root=root)
 
-    def _exclusion_filter(self, raw: Iterator[dict], shard: str, drop: frozenset[str]) -> Iterator:
-        """Drop samples of excluded patients, reading meta.json only (no image decode), and
-        samples of a patient the manifest does not list for ``shard`` (``drop`` holds only
-        the listed ones: an unlisted patient could be an excluded one)."""
-        listed = None if self._listed is None else self._listed.get(shard, {})
-        for sample in raw:
-            meta = decode_meta(sample, shard)
-            patient = meta.get("patient")
-            if patient in drop:
-                self.stats["excluded"] += 1
-                continue
-            if listed is not None and patient not in listed:
-                if not self.stats["unlisted"]:
-                    log.warning("%s: a sample of a patient the manifest does not list, dropped"
-                                " (counted in stats['unlisted'])", shard)  # fmt: skip
-                self.stats["unlisted"] += 1
-                continue
-            sample["meta"] = meta
-            yield sample
-
-    def _read_piece(self, piece: Piece, drop: frozenset[str]) -> Iterator[dict[str, Any]]:
-        """Decoded kept samples of one piece; on a read error, skipped and counted (or raised)."""
-        raw = iter_shard(self._url(piece.shard))
-        try:
-            kept = self._exclusion_filter(raw, piece.shard, drop)
-            for s in itertools.islice(kept, piece.first, piece.first + piece.count):
-                # header only (the crop is read by the transform) where it can, else the array
-                boxes = s["meta"].get("dims") in self._box_dims
-                volume = open_volume(s, piece.shard, self._box_dims) if boxes else None
-                yield {
-                    "key": s["__key__"],
-                    "image": load_image(s, piece.shard) if volume is None else volume,
-                    "meta": s["meta"],
-                    "report": decode_report(s),
-                }
-        except ShardReadError as e:
-            if self.on_error == "raise":
-                raise
-            self.stats["corrupt"] += 1
-            log.warning("skipping the rest of a piece: %s", e)
-        finally:
-            raw.close()
-
-    def _volumes(self, pieces: list[Piece], drop: frozenset[str]) -> Iterator[dict[str, Any]]:
-        """Exactly the planned number of samples: a shortfall (corrupt data) is filled with
-        repeats of the last good sample, so every rank still yields the planned batches."""
-        last, owed = None, 0
-        for piece in pieces:
-            got = 0
-            for sample in self._read_piece(piece, drop):
-                got += 1
-                for _ in range(owed + 1):
-                    yield sample
-                last, owed = sample, 0
-            owed += piece.count - got
-            self.stats["padded"] += piece.count - got
-            if last is not None and owed:
-                yield from itertools.repeat(last, owed)
-                owed = 0
-        if owed:
-            raise RuntimeError(
-                f"no readable sample in shards {sorted({p.shard for p in pieces})} of this worker"
-            )
-
     def _block_permutation(
         self, epoch: int, dims: int, base: Any
     ) -> Callable[[int, int, int, int], np.ndarray]:
-        """The visiting order of block ``b`` of (rank, worker): a pure function of its position,
-        so resume (and ``remaining_after``) can recompute it."""
-        base_key = tuple(map(tuple, base or ()))
+        return block_permutation(self.seed, self.shuffle, epoch, dims, base)
 
-        def permutation(rank: int, worker: int, block: int, m: int) -> np.ndarray:
-            if not self.shuffle:
-                return np.arange(m)
-            key = _seed(self.seed, epoch, dims, rank, worker, base_key, block)
-            return np.random.default_rng(key).permutation(m)
+    def _samples(
+        self, st: EpochState, dims: int, rank: int, role: int, skip: int
+    ) -> Iterator[dict]:
+        """The stages of one worker for one dims, after ``skip`` samples (resume)."""
 
-        return permutation
+        def read(piece: Piece) -> Iterator[dict[str, Any]]:
+            # tar members -> exclusion filter -> this piece's window -> decode
+            listed = None if self._listed is None else self._listed.get(piece.shard, {})
+            url = self._url(piece.shard)
+            return read_piece(
+                piece, url, st.drop, listed, self._box_dims, self.on_error, self.stats
+            )
 
-    def _shuffled(
-        self,
-        pieces: list[Piece],
-        skip: int,
-        drop: frozenset[str],
-        permutation: Callable[[int], np.ndarray],
-    ) -> Iterator[dict[str, Any]]:
-        """Blocks of ``shuffle_block`` samples, each visited in ``permutation(block, len)``
-        order: skipping ``skip`` samples (resume) re-reads only the block it falls in."""
-        n = sum(p.count for p in pieces)
-        size = self.shuffle_block if self.shuffle else max(n, 1)
-        first = skip // size
-        samples = self._volumes(advance(pieces, first * size), drop)
-        for b in range(first, -(-n // size)):
-            block = list(itertools.islice(samples, min(size, n - b * size)))  # (m,) samples
-            start = skip - b * size if b == first else 0
-            for i in permutation(b, len(block))[start:]:
-                yield block[i]
-
-    def _augment(self, samples: Iterator[dict], dims: int, epoch: int) -> Iterator[list[dict]]:
-        """MONAI transform, seeded per (seed, epoch, key): a volume gives its crops.
-
-        A transform that reads crop boxes may meet a read error after the header was read
-        cleanly (a shard cut or an I/O error meanwhile): the sample is skipped and counted as
-        corrupt, and its place taken by the last good sample's crops (the next good one's when
-        none came yet), so the worker still yields its planned batches (see ``_volumes``)."""
-        transform = self.transforms[dims]
-        last, owed = None, 0
-        for s in samples:
-            if hasattr(transform, "set_random_state"):
-                transform.set_random_state(_seed(self.seed, epoch, s["key"]) % 2**32)
-            try:
-                out = transform(s["image"], s["meta"])
-            except ShardReadError as e:
-                if self.on_error == "raise":
-                    raise
-                self.stats["corrupt"] += 1
-                self.stats["padded"] += 1
-                log.warning("skipping a sample: %s", e)
-                if last is None:
-                    owed += 1
-                else:
-                    yield last
-                continue
-            crops = [out] if isinstance(out, torch.Tensor) else list(out)
-            group = [
-                {"image": c, "key": s["key"], "meta": s["meta"], "report": s["report"]}
-                for c in crops
-            ]
-            for _ in range(owed + 1):
-                yield group
-            last, owed = group, 0
-        if owed:
-            raise RuntimeError(f"no readable {dims}D sample among this worker's samples")
-
-    def _collate(self, crops: list[dict]) -> dict[str, Any]:
-        """Crops -> the training batch dict (contract in the brief / DESIGN)."""
-        batch: dict[str, Any] = {
-            "image": torch.stack([c["image"] for c in crops]),  # (B, C, *spatial)
-            "modality": torch.tensor([MODALITIES.index(c["meta"]["modality"]) for c in crops]),
-            "key": [c["key"] for c in crops],
-            "patient": [c["meta"]["patient"] for c in crops],
-        }
-        if self.tokenize is not None:
-            tok = self.tokenize([c["report"] for c in crops])
-            batch["input_ids"] = torch.as_tensor(tok["input_ids"], dtype=torch.long)
-            batch["attention_mask"] = torch.as_tensor(tok["attention_mask"], dtype=torch.long)
-        return batch
+        perm = self._block_permutation(st.epoch, dims, st.base[dims])
+        return block_shuffle(
+            st.plans[dims].pieces(rank, role),  # type: ignore[union-attr]
+            skip,
+            self.shuffle_block if self.shuffle else None,
+            lambda b, m: perm(rank, role, b, m),
+            lambda pieces: pad_shortfall(pieces, read, self.stats),  # the planned count
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -581,15 +358,10 @@ class ShardStream(IterableDataset):
         for d, plan in st.plans.items():
             if plan is None:
                 continue
-            vols = st.layout[f"volumes_{d}d"]
-            perm = self._block_permutation(st.epoch, d, st.base[d])
-            samples = self._shuffled(
-                plan.pieces(rank, role),
-                done[d] * vols,
-                st.drop,
-                lambda b, m, perm=perm: perm(rank, role, b, m),
+            samples = self._samples(st, d, rank, role, done[d] * st.layout[f"volumes_{d}d"])
+            crops[d] = augment(
+                samples, self.transforms[d], d, self.seed, st.epoch, self.on_error, self.stats
             )
-            crops[d] = self._augment(samples, d, st.epoch)
         first = sum(done.values())
         for d in mine[first:]:
             vols = st.layout[f"volumes_{d}d"]
@@ -601,7 +373,7 @@ class ShardStream(IterableDataset):
                 )
             if in_process and self.count_yielded:
                 self._steps += 1
-            yield self._collate(group)
+            yield collate(group, self.tokenize)
         log.info("worker %d of rank %d, epoch %d: %s", worker, rank, st.epoch, dict(self.stats))
 
 
