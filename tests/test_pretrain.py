@@ -345,3 +345,19 @@ def test_model_configs_build() -> None:
         fields = yaml.safe_load(path.read_text())
         cls = VisionConfig if path.name.startswith("vision") else TextConfig
         assert isinstance(cls.from_any(fields), cls), path.name
+
+
+def test_no_cloud_tracker_tip_in_training_logs(caplog):
+    """Lightning's "try litlogger" tip (a cloud tracker) is dropped; other messages pass."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from foundation.training.launch import _quiet_cloud_tip
+
+    _quiet_cloud_tip()
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("💡 Tip: try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero_info("GPU available: False")
+    assert "litlogger" not in caplog.text
+    assert "GPU available" in caplog.text

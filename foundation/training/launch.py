@@ -7,6 +7,8 @@ optimiser, scheduler, step and the data stream's position.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -118,8 +120,27 @@ def place_in_run_dir(cfg: Any, run_dir: Path) -> None:
             args.dirpath = str(run_dir / cluster.CHECKPOINT_DIR)
 
 
+class _NoCloudTrackerTip(logging.Filter):
+    """Lightning suggests a cloud experiment tracker at every start; on a health-data cluster
+    metrics stay on site, and the suggestion should not reach the researchers' logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+def _quiet_cloud_tip() -> None:
+    # Also Lightning's caution that an IterableDataset's __len__ may be wrong with several
+    # workers: the stream plans every worker's share, so its length is exact by construction.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoCloudTrackerTip) for f in log.filters):
+            log.addFilter(_NoCloudTrackerTip())
+
+
 def build_cli(args: Sequence[str], *, run: bool = True) -> PretrainCLI:
     """Build (and with ``run``, fit) from CLI-style ``args`` (``--config X --trainer.k=v``)."""
+    _quiet_cloud_tip()
     return PretrainCLI(
         PretrainModule,
         ShardDataModule,
