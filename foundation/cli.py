@@ -14,7 +14,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="write a synthetic PACS export (DICOM, NIfTI, reports, opt-outs)")
+    p = sub.add_parser(
+        "synth", help="write a synthetic PACS export (DICOM, NIfTI, reports, opt-outs)"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--patients", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -28,7 +30,10 @@ def _run_synth(args: argparse.Namespace) -> int:
     from foundation.synthetic import generate_cohort
 
     summary = generate_cohort(
-        Path(args.out), n_patients=args.patients, seed=args.seed, ct_matrix=args.ct_matrix,
+        Path(args.out),
+        n_patients=args.patients,
+        seed=args.seed,
+        ct_matrix=args.ct_matrix,
         progress=True,
     )
     print(summary)
@@ -83,8 +88,11 @@ def _run_ingest(args: argparse.Namespace) -> int:
     rows = [("samples", str(result.samples)), ("series seen", str(result.series_seen))]
     rows += [(f"modality {m}", str(n)) for m, n in sorted(result.by_modality.items())]
     rows += [(f"skipped: {r}", str(n)) for r, n in sorted(result.skipped.items())]
-    rows += [("studies without report", str(result.studies_without_report)),
-             ("seconds", f"{result.seconds:.1f}"), ("manifest", str(result.manifest_path))]
+    rows += [
+        ("studies without report", str(result.studies_without_report)),
+        ("seconds", f"{result.seconds:.1f}"),
+        ("manifest", str(result.manifest_path)),
+    ]
     print_summary("ingest", rows)
     return 0
 
@@ -115,14 +123,20 @@ def _run_optout_import(args: argparse.Namespace) -> int:
     exclusion = ExclusionList.load(args.list, missing_ok=True)
     before = exclusion.version
     report = exclusion.import_requests(
-        args.requests, key, id_column=args.id_column, type_column=args.type_column,
+        args.requests,
+        key,
+        id_column=args.id_column,
+        type_column=args.type_column,
         date_column=args.date_column,
     )
     exclusion.save(args.list)
-    rows = [("rows", str(report.rows)), ("added", str(report.added)),
-            ("already present", str(report.already_present)),
-            ("rejected", str(len(report.bad_rows))),
-            ("version", f"{before} -> {exclusion.version}")]
+    rows = [
+        ("rows", str(report.rows)),
+        ("added", str(report.added)),
+        ("already present", str(report.already_present)),
+        ("rejected", str(len(report.bad_rows))),
+        ("version", f"{before} -> {exclusion.version}"),
+    ]
     rows += [(f"rejected line {line}", reason) for line, reason in report.bad_rows[:20]]
     print_summary(f"optout import into {args.list}", rows)
     return 0
@@ -142,10 +156,12 @@ def _run_optout_status(args: argparse.Namespace) -> int:
         excluded = exclusion.pseudonyms
         samples = sum(s.samples - s.kept(excluded) for s in manifest.shards)
         shards = sum(1 for s in manifest.shards if s.kept(excluded) < s.samples)
-        rows += [("dataset", f"{manifest.dataset} v{manifest.version}"),
-                 ("patients present in dataset", str(len(excluded & manifest.patients()))),
-                 ("samples filtered at read time", str(samples)),
-                 ("shards holding them", str(shards))]
+        rows += [
+            ("dataset", f"{manifest.dataset} v{manifest.version}"),
+            ("patients present in dataset", str(len(excluded & manifest.patients()))),
+            ("samples filtered at read time", str(samples)),
+            ("shards holding them", str(shards)),
+        ]
     print_summary(f"exclusion list {args.list}", rows)
     return 0
 
@@ -196,7 +212,10 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
     from foundation.data.report_corpus import train_tokenizer_from_manifest
 
     n = train_tokenizer_from_manifest(
-        args.manifest, args.out, vocab_size=args.vocab_size, kind=args.kind,
+        args.manifest,
+        args.out,
+        vocab_size=args.vocab_size,
+        kind=args.kind,
         exclusion_list=args.exclusion_list,
     )
     print(f"tokenizer trained on {n} reports, saved to {args.out}")
@@ -222,10 +241,16 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune / probe biomarker heads from a YAML config")
     p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set data.manifest=path (repeatable)")
-    p.add_argument("--project", default=None,
-                   help="research project id: the dataset must be approved for it")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.manifest=path (repeatable)",
+    )
+    p.add_argument(
+        "--project", default=None, help="research project id: the dataset must be approved for it"
+    )
     _add_key_option(p)
     p.set_defaults(handler=_run_finetune)
 
@@ -261,8 +286,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
     from foundation.progress import print_summary
     from foundation.training.finetune import run_finetune
 
-    config = _merge(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {},
-                    _overrides(args.set))
+    config = _merge(
+        yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}, _overrides(args.set)
+    )
     from foundation.governance.projects import check_usable
     from foundation.shards.manifest import Manifest
 
@@ -272,9 +298,14 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
         manifest = Manifest.load(manifest_path)
         check_usable(manifest, args.project)
-        audit.append(audit.default_log_path(manifest_path), "finetune", dataset=manifest.dataset,
-                     dataset_version=manifest.version, project=args.project,
-                     config=str(args.config))
+        audit.append(
+            audit.default_log_path(manifest_path),
+            "finetune",
+            dataset=manifest.dataset,
+            dataset_version=manifest.version,
+            project=args.project,
+            config=str(args.config),
+        )
     try:
         key = load_key(args.key_file)
     except MissingKeyError:
@@ -284,8 +315,14 @@ def _run_finetune(args: argparse.Namespace) -> int:
     for name, task in result.get("tasks", {}).items():
         m = task["metrics"][task["metric"]]
         ci = m.get("ci")
-        rows.append((name, task["metric"], f"{m['value']:.4f}",
-                     f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-"))
+        rows.append(
+            (
+                name,
+                task["metric"],
+                f"{m['value']:.4f}",
+                f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-",
+            )
+        )
     print_summary("finetune (test split)", rows, columns=("task", "metric", "value", "95% CI"))
     return 0
 
@@ -316,16 +353,28 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, args.manifest, args.tokenizer, exclusion_list=args.exclusion_list
     )
     (out / "retrieval.json").write_text(json.dumps(retrieval, indent=2) + "\n", encoding="utf-8")
-    rows = [(k, f"{retrieval['pretrained'][k]:.3f}", f"{retrieval['random_init'][k]:.3f}")
-            for k in retrieval["pretrained"] if k.startswith(("i2t", "t2i", "chance"))]
-    print_summary("zero-shot retrieval (held-out patients)", rows,
-                  columns=("recall", "pretrained", "random init"))
+    rows = [
+        (k, f"{retrieval['pretrained'][k]:.3f}", f"{retrieval['random_init'][k]:.3f}")
+        for k in retrieval["pretrained"]
+        if k.startswith(("i2t", "t2i", "chance"))
+    ]
+    print_summary(
+        "zero-shot retrieval (held-out patients)",
+        rows,
+        columns=("recall", "pretrained", "random init"),
+    )
     if args.labels and args.task:
         from foundation.evaluation.probe import run_probe_suite
         from foundation.privacy.pseudonym import load_key
 
-        run_probe_suite(args.checkpoint, args.manifest, args.labels, args.task,
-                        load_key(args.key_file), out / "probes")
+        run_probe_suite(
+            args.checkpoint,
+            args.manifest,
+            args.labels,
+            args.task,
+            load_key(args.key_file),
+            out / "probes",
+        )
         print(f"probe suite written to {out / 'probes' / 'results.md'}")
     return 0
 

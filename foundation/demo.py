@@ -186,13 +186,18 @@ class Demo:
         from foundation.evaluation.zero_shot import retrieval_vs_random
 
         r = retrieval_vs_random(
-            self.checkpoint, self.manifest, self.tokenizer_dir, val_fraction=HOLDOUT_FRACTION,
-            exclusion_list=self.exclusion, seed=self.seed,
+            self.checkpoint,
+            self.manifest,
+            self.tokenizer_dir,
+            val_fraction=HOLDOUT_FRACTION,
+            exclusion_list=self.exclusion,
+            seed=self.seed,
         )
         pre, rnd = r["pretrained"], r["random_init"]
         # the figures the issue asks for live under "pretrain" in summary.json
         self.stages["pretrain"].update(
-            retrieval_r1=pre["i2t_r1"], retrieval_r1_random_init=rnd["i2t_r1"],
+            retrieval_r1=pre["i2t_r1"],
+            retrieval_r1_random_init=rnd["i2t_r1"],
             chance_r1=pre["chance_r1"],
             # ranking only same-modality reports: what was learned beyond "CT vs X-ray report"
             retrieval_r1_within_modality=pre["i2t_r1_within_modality"],
@@ -235,8 +240,18 @@ class Demo:
             kfold=5,  # tens of studies: every one predicted out-of-fold, not a test split of 4
         )
         return {
-            name: {k: r.get(k) for k in ("metric", "pretrained", "pretrained_ci", "random_init",
-                                         "random_init_ci", "n_test", "evaluation")}
+            name: {
+                k: r.get(k)
+                for k in (
+                    "metric",
+                    "pretrained",
+                    "pretrained_ci",
+                    "random_init",
+                    "random_init_ci",
+                    "n_test",
+                    "evaluation",
+                )
+            }
             for name, r in summary.items()
         }
 
@@ -269,8 +284,9 @@ def _ci(ci: Any) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
-def run_demo(out: str | Path | None = None, patients: int = 40, seed: int = 0,
-             quick: bool = False) -> dict[str, Any]:
+def run_demo(
+    out: str | Path | None = None, patients: int = 40, seed: int = 0, quick: bool = False
+) -> dict[str, Any]:
     """Run the demo; with ``out`` everything is kept there, else in a temporary folder."""
     keep = out is not None
     root = Path(out) if keep else Path(tempfile.mkdtemp(prefix="foundation-demo-"))
@@ -291,11 +307,15 @@ def run_demo(out: str | Path | None = None, patients: int = 40, seed: int = 0,
         demo.stage("pretrain", demo.pretrain)
         demo.stage("evaluate", demo.evaluate)
         demo.stage("finetune", demo.finetune)
-        summary = {"stages": demo.stages, "seconds": demo.timings,
-                   "total_seconds": round(time.perf_counter() - t0, 1)}
+        summary = {
+            "stages": demo.stages,
+            "seconds": demo.timings,
+            "total_seconds": round(time.perf_counter() - t0, 1),
+        }
         (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        print_summary(f"foundation demo ({root})", _summary_rows(demo),
-                      columns=("stage", "figure", "value"))
+        print_summary(
+            f"foundation demo ({root})", _summary_rows(demo), columns=("stage", "figure", "value")
+        )
         return summary
     finally:
         if not keep:

@@ -43,8 +43,12 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         yield lambda n=1: progress.advance(task, n)
 
 
-def summary_table(title: str, rows: Mapping[str, Any] | list[tuple[str, ...]], *,
-                  columns: tuple[str, ...] = ("what", "value")) -> Table:
+def summary_table(
+    title: str,
+    rows: Mapping[str, Any] | list[tuple[str, ...]],
+    *,
+    columns: tuple[str, ...] = ("what", "value"),
+) -> Table:
     """A two-or-more column table; ``rows`` is a mapping or a list of tuples."""
     table = Table(title=title, title_justify="left")
     for col in columns:
@@ -55,8 +59,12 @@ def summary_table(title: str, rows: Mapping[str, Any] | list[tuple[str, ...]], *
     return table
 
 
-def print_summary(title: str, rows: Mapping[str, Any] | list[tuple[str, ...]], *,
-                  columns: tuple[str, ...] = ("what", "value")) -> None:
+def print_summary(
+    title: str,
+    rows: Mapping[str, Any] | list[tuple[str, ...]],
+    *,
+    columns: tuple[str, ...] = ("what", "value"),
+) -> None:
     """Print ``summary_table`` to stdout."""
     Console().print(summary_table(title, rows, columns=columns))
 

@@ -68,8 +68,11 @@ def stage_shares(export: Path, reports_csv: Path | None, key_file: Path, config,
                 meta = pseudonymised_meta(vol.header, key)
             except DeidError:
                 continue
-            report = scrub_report(task.report or "", identifier_values(vol.header),
-                                  key.date_shift_days(str(vol.header.get("PatientID", ""))))
+            report = scrub_report(
+                task.report or "",
+                identifier_values(vol.header),
+                key.date_shift_days(str(vol.header.get("PatientID", ""))),
+            )
             meta.update(image_meta, series_index=task.series_index, source_format="dicom")
             t3 = time.perf_counter()
             writer.write(Sample(sample_key(meta["study"], task.series_index), array, meta, report))
@@ -101,22 +104,31 @@ def main() -> None:
     mb = sum(f.stat().st_size for f in files) / 1e6
 
     base_s = bare_read(files)
-    rows = [("DICOM files", f"{len(files)}"), ("DICOM MB", f"{mb:.1f}"),
-            ("bare dcmread+pixel_array MB/s", f"{mb / base_s:.1f}")]
+    rows = [
+        ("DICOM files", f"{len(files)}"),
+        ("DICOM MB", f"{mb:.1f}"),
+        ("bare dcmread+pixel_array MB/s", f"{mb / base_s:.1f}"),
+    ]
     for workers in sorted({1, args.workers}):
         config = load_ingest_config(args.config)
         config.workers = workers
         t0 = time.perf_counter()
-        res = run_ingest(args.input, tmp / f"out{workers}", reports_csv=args.reports,
-                         config=config, key_file=key_file)
+        res = run_ingest(
+            args.input,
+            tmp / f"out{workers}",
+            reports_csv=args.reports,
+            config=config,
+            key_file=key_file,
+        )
         dt = time.perf_counter() - t0
         rows += [
             (f"ingest, {workers} worker(s): series/s", f"{res.series_seen / dt:.2f}"),
             (f"ingest, {workers} worker(s): DICOM MB/s", f"{mb / dt:.1f}"),
             (f"ingest, {workers} worker(s) / bare read (throughput ratio)", f"{base_s / dt:.3f}"),
         ]
-    times = stage_shares(args.input, args.reports, key_file, load_ingest_config(args.config),
-                         tmp / "stages")
+    times = stage_shares(
+        args.input, args.reports, key_file, load_ingest_config(args.config), tmp / "stages"
+    )
     total = sum(times.values())
     rows += [(f"share of time: {k}", f"{v / total:.1%} ({v:.2f} s)") for k, v in times.items()]
     print_summary(f"bench_ingest ({args.config.name})", rows)

@@ -80,8 +80,13 @@ def test_study_dates_are_shifted_per_patient(ingested):
 def test_logs_and_exceptions_hold_no_identifier(small_cohort, tmp_path, caplog):
     key = write_test_key(tmp_path / "k.key")
     with caplog.at_level(logging.DEBUG):
-        run_ingest(small_cohort.export_dir, tmp_path / "out", reports_csv=small_cohort.reports_csv,
-                   config=demo_ingest_config(), key_file=key)
+        run_ingest(
+            small_cohort.export_dir,
+            tmp_path / "out",
+            reports_csv=small_cohort.reports_csv,
+            config=demo_ingest_config(),
+            key_file=key,
+        )
     log_text = "\n".join(r.getMessage() for r in caplog.records).lower()
     values = [v for v in _planted(small_cohort) if v not in _original_dates(small_cohort)]
     assert not [v for v in values if v.lower() in log_text]
@@ -132,8 +137,13 @@ def test_parts_together_equal_one_run_and_pseudonyms_are_stable(ingested, tmp_pa
     merged: dict[str, tuple] = {}
     for i in range(2):
         config = demo_ingest_config(part=parse_part(f"{i}/2"))
-        res = run_ingest(ingested.cohort.export_dir, tmp_path / "parts",
-                         reports_csv=ingested.cohort.reports_csv, config=config, key_file=key)
+        res = run_ingest(
+            ingested.cohort.export_dir,
+            tmp_path / "parts",
+            reports_csv=ingested.cohort.reports_csv,
+            config=config,
+            key_file=key,
+        )
         part = _content(res.manifest_path)
         assert not set(part) & set(merged), "a sample landed in two parts"
         merged.update(part)
@@ -142,12 +152,21 @@ def test_parts_together_equal_one_run_and_pseudonyms_are_stable(ingested, tmp_pa
 
 def test_another_key_gives_other_pseudonyms(small_cohort, tmp_path):
     key = write_test_key(tmp_path / "other.key", secret="another-secret-for-tests-0123456")
-    res = run_ingest(small_cohort.export_dir, tmp_path / "o", reports_csv=small_cohort.reports_csv,
-                     config=demo_ingest_config(), key_file=key)
+    res = run_ingest(
+        small_cohort.export_dir,
+        tmp_path / "o",
+        reports_csv=small_cohort.reports_csv,
+        config=demo_ingest_config(),
+        key_file=key,
+    )
     ref = write_test_key(tmp_path / "ref.key")
-    res_ref = run_ingest(small_cohort.export_dir, tmp_path / "r",
-                         reports_csv=small_cohort.reports_csv, config=demo_ingest_config(),
-                         key_file=ref)
+    res_ref = run_ingest(
+        small_cohort.export_dir,
+        tmp_path / "r",
+        reports_csv=small_cohort.reports_csv,
+        config=demo_ingest_config(),
+        key_file=ref,
+    )
     a = {s.meta["patient"] for s in iter_samples(res.manifest_path, decode_image=False)}
     b = {s.meta["patient"] for s in iter_samples(res_ref.manifest_path, decode_image=False)}
     assert a and b and not a & b
@@ -168,11 +187,21 @@ def test_killed_ingest_resumes_without_loss_or_duplicates(ingested, tmp_path, mo
 
     monkeypatch.setattr(pipeline, "_append_ledger", dies_on_second_group)
     with pytest.raises(KeyboardInterrupt):
-        run_ingest(ingested.cohort.export_dir, out, reports_csv=ingested.cohort.reports_csv,
-                   config=config, key_file=key)
+        run_ingest(
+            ingested.cohort.export_dir,
+            out,
+            reports_csv=ingested.cohort.reports_csv,
+            config=config,
+            key_file=key,
+        )
     monkeypatch.setattr(pipeline, "_append_ledger", real)
-    res = run_ingest(ingested.cohort.export_dir, out, reports_csv=ingested.cohort.reports_csv,
-                     config=config, key_file=key)
+    res = run_ingest(
+        ingested.cohort.export_dir,
+        out,
+        reports_csv=ingested.cohort.reports_csv,
+        config=config,
+        key_file=key,
+    )
     assert verify_manifest(res.manifest_path).ok
     assert _content(res.manifest_path) == _content(ingested.result.manifest_path)
     # the shards of the interrupted group were rewritten, not duplicated
@@ -183,9 +212,13 @@ def test_killed_ingest_resumes_without_loss_or_duplicates(ingested, tmp_path, mo
 
 def test_worker_pool_gives_the_same_shards(ingested, tmp_path):
     key = write_test_key(tmp_path / "k.key")
-    res = run_ingest(ingested.cohort.export_dir, tmp_path / "pool",
-                     reports_csv=ingested.cohort.reports_csv,
-                     config=demo_ingest_config(workers=2, shard_max_samples=4), key_file=key)
+    res = run_ingest(
+        ingested.cohort.export_dir,
+        tmp_path / "pool",
+        reports_csv=ingested.cohort.reports_csv,
+        config=demo_ingest_config(workers=2, shard_max_samples=4),
+        key_file=key,
+    )
     assert _content(res.manifest_path) == _content(ingested.result.manifest_path)
     a = sorted(s["sha256"] for s in json.loads(res.manifest_path.read_text())["shards"])
     b = sorted(s["sha256"] for s in json.loads(ingested.result.manifest_path.read_text())["shards"])
@@ -204,13 +237,21 @@ def test_corrupt_file_is_skipped_with_a_reason(small_cohort, tmp_path):
 
     export = tmp_path / "export"
     shutil.copytree(small_cohort.export_dir, export)
-    victim = next(p for p in sorted(export.rglob("*")) if p.is_file() and p.stat().st_size > 4096
-                  and p.read_bytes()[128:132] == b"DICM")
+    victim = next(
+        p
+        for p in sorted(export.rglob("*"))
+        if p.is_file() and p.stat().st_size > 4096 and p.read_bytes()[128:132] == b"DICM"
+    )
     victim.write_bytes(victim.read_bytes()[:2000])  # truncated mid-header or pixels
     (export / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x01" * 50)
     key = write_test_key(tmp_path / "k.key")
-    res = run_ingest(export, tmp_path / "out", reports_csv=small_cohort.reports_csv,
-                     config=demo_ingest_config(), key_file=key)
+    res = run_ingest(
+        export,
+        tmp_path / "out",
+        reports_csv=small_cohort.reports_csv,
+        config=demo_ingest_config(),
+        key_file=key,
+    )
     assert res.samples > 0
     assert sum(res.skipped.values()) > len(small_cohort.expected_skips) - 1
     assert json.loads((tmp_path / "out" / "ingest_summary.json").read_text())["skipped"] >= 1

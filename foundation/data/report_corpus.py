@@ -16,9 +16,7 @@ from foundation.shards.reader import iter_samples
 
 def iter_reports(manifest: str | Path, exclusion_list: str | Path | None = None) -> Iterator[str]:
     """Each study's scrubbed report once, skipping excluded patients and empty reports."""
-    excluded = (
-        ExclusionList.load(exclusion_list).pseudonyms if exclusion_list else frozenset()
-    )
+    excluded = ExclusionList.load(exclusion_list).pseudonyms if exclusion_list else frozenset()
     seen: set[str] = set()
     for sample in iter_samples(manifest, decode_image=False):
         study = sample.meta.get("study")

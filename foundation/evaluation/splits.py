@@ -120,7 +120,9 @@ def patient_strata(
     """Per patient, the mean of its studies' values (numbers; other values by class index):
     the ``strata`` of ``kfold_patients``. Studies without a value are left out."""
     values: dict[str, object] = {
-        s: v for s, v in study_value.items() if v is not None and v == v and v != ""  # not NaN
+        s: v
+        for s, v in study_value.items()
+        if v is not None and v == v and v != ""  # not NaN
     }
     try:  # numbers, or numbers read as text from a CSV
         numbers = {s: float(v) for s, v in values.items()}  # type: ignore[arg-type]

@@ -159,9 +159,15 @@ def verify(log: str | Path) -> ChainReport:
     return report
 
 
-def save_and_record(manifest, path: str | Path, action: str,
-                    audit_log: str | Path | None = None, **fields: Any) -> dict[str, Any]:
+def save_and_record(
+    manifest, path: str | Path, action: str, audit_log: str | Path | None = None, **fields: Any
+) -> dict[str, Any]:
     """Save a changed manifest, then append ``action`` with its dataset and version."""
     manifest.save(path)
-    return append(audit_log or default_log_path(path), action, dataset=manifest.dataset,
-                  version=manifest.version, **fields)
+    return append(
+        audit_log or default_log_path(path),
+        action,
+        dataset=manifest.dataset,
+        version=manifest.version,
+        **fields,
+    )

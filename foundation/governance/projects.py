@@ -58,8 +58,13 @@ def approve(
         record
     ]
     audit.save_and_record(
-        manifest, path, "project approve", audit_log,
-        project=project_id, approval=approval, expires=record["expires"],
+        manifest,
+        path,
+        "project approve",
+        audit_log,
+        project=project_id,
+        approval=approval,
+        expires=record["expires"],
     )
     return record
 

@@ -116,7 +116,9 @@ def _nifti_identifiers(path: Path) -> dict:
 def _accession(ref: SeriesRef) -> str | None:
     """The accession number of a series, read from its first header (memory only)."""
     try:
-        ds = pydicom.dcmread(ref.files[0], stop_before_pixels=True, specific_tags=["AccessionNumber"])
+        ds = pydicom.dcmread(
+            ref.files[0], stop_before_pixels=True, specific_tags=["AccessionNumber"]
+        )
         return str(ds.get("AccessionNumber", "")).strip() or None
     except Exception:  # unreadable now: the worker will skip it with a reason
         return None
@@ -138,15 +140,25 @@ def _tasks(
     by_study: dict[str, list[tuple[str, SeriesTask]]] = {}
     for ref in series:
         ident = key.pseudonym("series", f"{ref.series_uid}/{_split_tag(ref)}")
-        task = SeriesTask(task_id=ident, series_index=-1, source=ref.files[0], dicom=ref,
-                          report=reports.get(_accession(ref)))
+        task = SeriesTask(
+            task_id=ident,
+            series_index=-1,
+            source=ref.files[0],
+            dicom=ref,
+            report=reports.get(_accession(ref)),
+        )
         by_study.setdefault(ref.study_uid, []).append((ident, task))
     for path in nifti:
         ids = _nifti_identifiers(path)
         study = str(ids.get("StudyInstanceUID") or ids.get("AccessionNumber") or path)
         ident = key.pseudonym("series", f"nifti/{ids.get('SeriesInstanceUID') or path.name}")
-        task = SeriesTask(task_id=ident, series_index=-1, source=path, nifti=path,
-                          report=reports.get(ids.get("AccessionNumber")))
+        task = SeriesTask(
+            task_id=ident,
+            series_index=-1,
+            source=path,
+            nifti=path,
+            report=reports.get(ids.get("AccessionNumber")),
+        )
         by_study.setdefault(study, []).append((ident, task))
     tasks: list[SeriesTask] = []
     for study_uid, items in by_study.items():
