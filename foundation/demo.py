@@ -248,6 +248,8 @@ class Demo:
                     "pretrained_ci",
                     "random_init",
                     "random_init_ci",
+                    "baseline",
+                    "baseline_ci",
                     "n_test",
                     "evaluation",
                 )
@@ -269,7 +271,8 @@ def _summary_rows(demo: Demo) -> list[tuple[str, str, str]]:
                 value = (
                     f"{value['metric']}: pretrained {_num(value['pretrained'])} "
                     f"{_ci(value.get('pretrained_ci'))} vs random init "
-                    f"{_num(value['random_init'])} {_ci(value.get('random_init_ci'))}"
+                    f"{_num(value['random_init'])} {_ci(value.get('random_init_ci'))} vs mean "
+                    f"predictor {_num(value.get('baseline'))} {_ci(value.get('baseline_ci'))}"
                 )
             rows.append((stage, name, _num(value)))
         rows.append((stage, "seconds", str(demo.timings.get(stage, ""))))

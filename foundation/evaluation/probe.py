@@ -416,6 +416,10 @@ def run_probe_suite(
                     },
                 )
                 entry[init], entry[f"{init}_ci"] = m["value"], m["ci"]
+                if "baseline" in tr and "baseline" not in entry:  # same split, same studies
+                    b = tr["baseline"][tr["metric"]]
+                    entry["baseline"], entry["baseline_ci"] = b["value"], b["ci"]
+                    entry["metrics"]["baseline"] = tr["baseline"]
                 entry["target_transform"] = tr.get("target_transform")
                 entry["metrics"][init] = tr["metrics"]
                 plots.setdefault(name, {})[init] = res["predictions"][name]

@@ -36,26 +36,32 @@ def results_markdown(summary: dict[str, dict[str, Any]], title: str = "Biomarker
         f"# {title}",
         "",
         f"Evaluation: {'; '.join(modes)}. 95% percentile bootstrap intervals in brackets.",
+        "Mean predictor: the mean (or class shares) of the targets each fold was fitted on, "
+        "the floor a head must beat.",
         "",
-        "| task | metric | n evaluated | pretrained [CI] | random init [CI] |",
-        "| --- | --- | ---: | --- | --- |",
+        "| task | metric | n evaluated | pretrained [CI] | random init [CI] | mean predictor [CI] |",
+        "| --- | --- | ---: | --- | --- | --- |",
     ]
     for name, r in summary.items():
         arrow = "lower is better" if r["metric"] in LOWER_IS_BETTER else "higher is better"
         lines.append(
             f"| {name} | {r['metric']} ({arrow}) | {r.get('n_test', '')} | "
             f"{_fmt(r.get('pretrained'), r.get('pretrained_ci'))} | "
-            f"{_fmt(r.get('random_init'), r.get('random_init_ci'))} |"
+            f"{_fmt(r.get('random_init'), r.get('random_init_ci'))} | "
+            f"{_fmt(r.get('baseline'), r.get('baseline_ci'))} |"
         )
     for name, r in summary.items():
-        lines += ["", f"## {name} ({r['type']})", "", "| metric | pretrained | random init |"]
-        lines.append("| --- | --- | --- |")
+        lines += ["", f"## {name} ({r['type']})", ""]
+        lines += [
+            "| metric | pretrained | random init | mean predictor |",
+            "| --- | --- | --- | --- |",
+        ]
         for metric in TASK_METRICS[r["type"]]:
             cells = []
-            for init, _ in INITS:
+            for init in (*(i for i, _ in INITS), "baseline"):
                 m = (r.get("metrics") or {}).get(init, {}).get(metric)
                 cells.append(_fmt(m["value"], m["ci"]) if m else "n/a")
-            lines.append(f"| {metric} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {metric} | {' | '.join(cells)} |")
         if r["type"] in ("regression", "binary"):
             lines += ["", f"![{name}]({name}.png)"]
     return "\n".join(lines) + "\n"

@@ -43,6 +43,7 @@ from foundation.data.labels import (
     load_label_table,
     source_samples,
 )
+from foundation.evaluation.baseline import constant_predictions
 from foundation.evaluation.metrics import evaluate_predictions
 from foundation.evaluation.splits import Split, make_kfold, make_split, patient_strata
 from foundation.models.export import (
@@ -296,6 +297,13 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "n_test": len(studies),
             "metrics": metrics,
         }
+        # the same split's constant predictor (the fitted-on mean): the floor a head must beat
+        const = constant_predictions(t, result["rows"], split)
+        if studies and all(s in const for s in studies):
+            b_pred = np.array([const[s] for s in studies], float).reshape(y_pred.shape)
+            tasks_out[t.name]["baseline"] = evaluate_predictions(
+                t.type, y_true, b_pred, n_bootstrap=ev.n_bootstrap, seed=ev.seed, level=ev.level
+            )
         pred_out[t.name] = {"study": studies, "y_true": y_true.tolist(), "y_pred": y_pred.tolist()}
     results = {
         "name": cfg.name,
