@@ -183,7 +183,9 @@ def split_strata(
     task = cfg.tasks[0]
     if not cfg.split.stratify or task.type == "multilabel" or rows is None:
         return None
-    return patient_strata(study_patient, {s: rows[s].get(task.column) for s in study_patient})
+    return patient_strata(
+        study_patient, {s: rows[s].get(task.column) for s in study_patient if s in rows}
+    )
 
 
 def make_run_split(
