@@ -187,3 +187,20 @@ def test_unlabelled_patients_and_class_names_in_strata():
     assert strata == {"p1": 1.0, "p2": 0.0}  # class index; no value: left out
     folds = kfold_patients(["p1", "p2", "p3"], 2, seed=0, strata=strata)
     assert sorted(p for f in folds for p in f) == ["p1", "p2", "p3"]
+
+
+def test_ridge_probe_stays_within_the_fitted_target_range():
+    """A log1p calcium probe must not turn one outlying study into an absurd score."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4))
+    score = np.expm1(np.clip(2.0 + 1.5 * x[:, 0] + 0.1 * rng.normal(size=40), 0.0, None))
+    task = TaskSpec(name="calcium", type="regression", target_transform="log1p")
+    task.fit_normalisation(score.tolist())
+    t = np.array([task.encode({"calcium": v}) for v in score])
+    predict, _ = fit_linear_probe(x, t, [f"p{i}" for i in range(40)], task)
+    inside = predict(x[:5])[:, 0]
+    assert np.corrcoef(inside, score[:5])[0, 1] > 0.9  # the probe does learn the signal
+    far = np.zeros((1, 4))
+    far[0, 0] = 50.0  # 50 standard deviations out: unclipped, expm1 of ~77
+    assert predict(far)[0, 0] == pytest.approx(score.max(), rel=1e-4)
+    assert predict(-far)[0, 0] == pytest.approx(score.min(), abs=1e-3)

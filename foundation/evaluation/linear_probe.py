@@ -148,7 +148,8 @@ def fit_linear_probe(
     inner_folds: int = INNER_FOLDS,
     seed: int = 0,
 ) -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """Fit a ridge / logistic probe on ``x`` (n, D) and encoded targets ``t`` (n, 1 or L).
+    """Fit a ridge / logistic probe on ``x`` (n, D) and encoded targets ``t`` (n, 1 or L);
+    ridge predictions are clipped to the range of the fitted targets.
 
     ``groups``: the patient of each row; the inner folds keep a patient on one side. NaN
     targets are left out (regression) or masked (classification). Returns ``predict(x) ->
@@ -196,9 +197,16 @@ def fit_linear_probe(
     else:
         w, b = _logistic(xs, t, task, lam, None)
 
+    # A ridge probe extrapolates linearly; under a log1p target one study far outside the
+    # training features becomes an absurd score (expm1 of it). Predictions stay within the range
+    # of the targets the probe was fitted on, as a head without evidence beyond it should.
+    lo, hi = (np.nanmin(t, axis=0), np.nanmax(t, axis=0)) if ridge else (None, None)
+
     def predict(z: np.ndarray) -> np.ndarray:
         zs = scale(z)
         out = zs @ w + b
+        if ridge:
+            out = np.clip(out, lo, hi)
         with torch.no_grad():
             return task.decode(torch.tensor(out, dtype=torch.float32)).reshape(len(z), -1).numpy()
 
