@@ -76,9 +76,12 @@ class Demo:
         )
 
     def key(self) -> None:
-        # Derived from the seed so that a demo run is reproducible (same pseudonyms, same
-        # held-out patients, same figures). Never do this with real data: a real key is random
-        # (`generate_key_file`) and kept outside every output.
+        # Derived from the seed so that a demo run is reproducible (same cohort, pseudonyms,
+        # shards, held-out patients and data order). The training figures still vary a little
+        # between runs: CPU kernels are not bit-deterministic (the losses differ in the 4th
+        # decimal from the first steps) and the tiny model's retrieval hinges on near-ties.
+        # Never do this with real data: a real key is random (`generate_key_file`) and kept
+        # outside every output.
         secret = hashlib.sha256(f"foundation-demo-key:{self.seed}".encode()).hexdigest()
         self.key_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
