@@ -103,3 +103,20 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
             os.chdir(cwd)
         _CACHE["run"] = run_dir
     return _CACHE["run"]  # type: ignore[return-value]
+
+
+def cpu_trainer(max_steps: int, root: Path | None = None, **kwargs):
+    """A quiet one-process CPU Trainer (no logger, checkpointing or progress bar)."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )

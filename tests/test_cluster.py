@@ -14,7 +14,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fixtures_cluster import REPO, TINY_CONFIG, tiny_dataset, tiny_overrides  # noqa: F401
+from fixtures_cluster import (  # noqa: F401
+    REPO,
+    TINY_CONFIG,
+    cpu_trainer,
+    tiny_dataset,
+    tiny_overrides,
+)
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.demos.boring_classes import BoringModel
 
@@ -121,16 +127,7 @@ def test_signal_saves_requeues_stops_and_resumes(tmp_path, monkeypatch):
     requeue = cluster.RequeueOnSignal(ckpts)
 
     def trainer(max_steps, callbacks):
-        return L.Trainer(
-            max_steps=max_steps,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=callbacks,
-        )
+        return cpu_trainer(max_steps, callbacks=callbacks)
 
     torch.manual_seed(0)
     t1 = trainer(50, [SignalAt(3), requeue])

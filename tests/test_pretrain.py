@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from fixtures_cluster import cpu_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
@@ -112,18 +113,7 @@ def tiny_module(**overrides) -> PretrainModule:
     return PretrainModule(**kwargs)
 
 
-def trainer(max_steps: int, root: Path | None = None, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **kwargs,
-    )
+trainer = cpu_trainer
 
 
 class LossRecorder(L.Callback):
