@@ -139,6 +139,8 @@ FALLBACK: dict[str, dict[str, str]] = {
         "ratio_3d": "share of 3D steps (None: in proportion to the data)",
         "crops_per_volume": "random crops taken from each decoded volume",
         "multi_window": "stack every CT window as a channel (set vision.in_channels to match)",
+        "ct_windows": "CT windows (level, width) in HU; None: mediastinum, lung, bone. Recorded in "
+        "checkpoints: evaluation and fine-tuning reuse them",
         "seed": "seed of shuffling and augmentation (exact resume)",
         "max_report_tokens": "tokens per report given to the text encoder",
         "tokenizer_dir": "tokenizer folder from `foundation tokenizer train`",

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning as L
 
+from foundation.data.encoder_input import LINEAGE_KEY, windows_record
 from foundation.data.report_sections import select_sections
 from foundation.data.stream import EpochLoader, ShardStream
 from foundation.data.transforms import DEFAULT_CT_WINDOWS, eval_transform, train_transform
@@ -97,6 +98,7 @@ class ShardDataModule(L.LightningDataModule):
         ratio_3d: float | None = None,
         crops_per_volume: int = 1,
         multi_window: bool = False,
+        ct_windows: list[tuple[float, float]] | None = None,
         seed: int = 0,
         max_report_tokens: int = 256,
         report_sections: list[str] | None = None,
@@ -120,6 +122,12 @@ class ShardDataModule(L.LightningDataModule):
             crops_per_volume,
             multi_window,
         )
+        # (level, width) HU; recorded in the lineage so evaluation reuses them (encoder_input)
+        self.ct_windows = tuple(
+            (float(lv), float(wd)) for lv, wd in (ct_windows or DEFAULT_CT_WINDOWS)
+        )
+        if not all(wd > 0 for _, wd in self.ct_windows):
+            raise ValueError(f"ct_windows need widths > 0, got {list(self.ct_windows)}")
         self.seed, self.max_report_tokens, self.tokenizer_dir = (
             seed,
             max_report_tokens,
@@ -158,8 +166,9 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def lineage(self) -> dict[str, Any]:
-        """Dataset, version, key id, preprocessing spec and the exclusion-list version of the
-        current epoch (None before the first epoch starts), for checkpoints."""
+        """Dataset, version, key id, preprocessing spec, the CT windows of the image transform
+        and the exclusion-list version of the current epoch (None before the first epoch
+        starts), for checkpoints."""
         m = self.manifest
         stream = self.train_stream
         epoch_state = stream.state_dict() if stream is not None else {}
@@ -170,6 +179,7 @@ class ShardDataModule(L.LightningDataModule):
             "project": self.project,
             "key_id": m.key_id,
             "preprocessing": dict(m.preprocessing),
+            LINEAGE_KEY: windows_record(self.ct_windows),
             "exclusion_version": epoch_state.get("exclusion_version"),
         }
 
@@ -179,7 +189,7 @@ class ShardDataModule(L.LightningDataModule):
             self.tokenize = _HFTokenize(
                 self.tokenizer_dir, self.max_report_tokens, self.report_sections
             )
-        windows = DEFAULT_CT_WINDOWS
+        windows = self.ct_windows
         if train:
             t3 = train_transform(
                 3,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from foundation.data.encoder_input import input_windows, windows_record
 from foundation.data.labels import LabelTable, select_samples
 from foundation.evaluation.linear_probe import fit_linear_probe
 from foundation.evaluation.splits import SPLIT_NAMES, Split, make_kfold
@@ -196,6 +197,9 @@ def run_probe_job(
 
     d = cfg.data
     spec = {"modality": d.modality, "dims": d.dims, "size": d.image_size, "transform": "eval"}
+    if transform is None:  # the CT windows fed to the encoder (from its lineage) name the cache too
+        fed = input_windows(loaded.model.cfg.in_channels, loaded.lineage, loaded.source)
+        spec["ct_windows"] = windows_record(fed)
     vision = asdict(loaded.model.cfg)
     key = cache_key(loaded.identity, vision, manifest_version(manifest, d.manifest), spec)
     cache_dir = (
@@ -208,7 +212,7 @@ def run_probe_job(
         if first is None:
             raise ValueError(f"{d.manifest}: no {d.modality} sample of the requested dims")
         dims = int(first.meta["dims"])
-        tf = transform or ft.build_transform(dims, d.image_size or ft.DEFAULT_SIZE[dims])
+        tf = transform or ft.build_transform(dims, d.image_size or ft.DEFAULT_SIZE[dims], loaded)
 
         def chain() -> Iterable[Sample]:
             yield first

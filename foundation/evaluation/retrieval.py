@@ -109,6 +109,12 @@ def within_modality(sim: np.ndarray, modalities: list[str]) -> tuple[float, floa
     return float(np.mean(hits)), float(np.mean(chance))
 
 
+def _in_channels(module: Any) -> int:
+    """Input channels of the module's vision encoder (1 when it does not say)."""
+    cfg = getattr(getattr(module, "vision", None), "cfg", None)
+    return int(getattr(cfg, "in_channels", 1))
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     module: Any,
@@ -122,20 +128,27 @@ def evaluate_retrieval(
     report_sections: Sequence[str] | None = None,
     samples: Iterable[Sample] | None = None,
     transform_for: Callable[[int], Callable[[np.ndarray, dict], Tensor]] | None = None,
+    lineage: dict[str, Any] | None = None,
+    source: str = "encoder",
 ) -> dict[str, float | int]:
     """Recall@1/5/10 image->text and text->image over the studies of ``patients`` (None: all).
 
     ``module`` offers ``encode_image`` and ``encode_text`` (a PretrainModule); ``tokenizer`` is
     a transformers tokenizer; ``report_sections``: the report sections the model was trained
-    on (``select_sections``; None: whole reports). ``samples``/``transform_for`` default to the manifest's shards and
-    the evaluation transform at ``image_size`` (per dims).
+    on (``select_sections``; None: whole reports). ``samples``/``transform_for`` default to the
+    manifest's shards and the evaluation transform at ``image_size`` (per dims) that gives the
+    vision encoder (``module.vision``) its input channels, with the CT windows ``lineage`` (the
+    checkpoint's) records; ``source`` names the checkpoint in errors.
     """
     sizes = {**DEFAULT_SIZE, **(image_size or {})}
     if transform_for is None:
-        from foundation.data.transforms import eval_transform
+        from foundation.data.encoder_input import encoder_eval_transform, input_windows
+
+        channels = _in_channels(module)
+        input_windows(channels, lineage, source)  # a mismatch fails before any image is read
 
         def transform_for(dims: int) -> Callable[[np.ndarray, dict], Tensor]:
-            return eval_transform(dims, tuple(sizes[dims]))
+            return encoder_eval_transform(dims, tuple(sizes[dims]), channels, lineage, source)
 
     if samples is None:
         from foundation.shards.reader import iter_samples

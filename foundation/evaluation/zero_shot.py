@@ -16,6 +16,7 @@ import torch
 from foundation.data.stream import in_val_split
 from foundation.data.tokenizer import load_tokenizer
 from foundation.evaluation.retrieval import evaluate_retrieval
+from foundation.models.export import lineage_of
 from foundation.privacy.exclusion import ExclusionList
 from foundation.shards.manifest import Manifest
 from foundation.training.pretrain import PretrainModule
@@ -33,9 +34,10 @@ def heldout_patients(
     }
 
 
-def _data_hparams(checkpoint: Path) -> dict[str, Any]:
+def _data_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The data module's hyperparameters and the data lineage a checkpoint records."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    return dict(ckpt.get("datamodule_hyper_parameters") or {})
+    return dict(ckpt.get("datamodule_hyper_parameters") or {}), lineage_of(ckpt)
 
 
 def retrieval_vs_random(
@@ -49,7 +51,7 @@ def retrieval_vs_random(
 ) -> dict[str, Any]:
     """Recall@k on held-out patients for the checkpoint and for a random init of its model."""
     checkpoint = Path(checkpoint)
-    data = _data_hparams(checkpoint)
+    data, lineage = _data_record(checkpoint)
     fraction = val_fraction if val_fraction is not None else float(data.get("val_fraction", 0.05))
     patients = heldout_patients(manifest, fraction, exclusion_list or data.get("exclusion_list"))
     sizes = {
@@ -72,5 +74,7 @@ def retrieval_vs_random(
                 image_size=sizes,
                 max_length=max_length,
                 report_sections=data.get("report_sections"),
+                lineage=lineage,  # the CT windows of pretraining, for both models
+                source=str(checkpoint),
             )
     return out

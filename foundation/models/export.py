@@ -180,6 +180,7 @@ class LoadedEncoder:
     lineage: dict[str, Any] | None
     identity: str  # content hash of the weights file, or "random:<seed>"
     report: LoadReport | None = None
+    source: str = "random init"  # the checkpoint or export it was read from (for errors)
 
 
 def load_vision_encoder(
@@ -205,7 +206,8 @@ def load_vision_encoder(
     if path.is_dir():
         model = load_encoder(path)
         info = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        return LoadedEncoder(model, info.get("lineage"), file_sha256(path / "vision.safetensors"))
+        identity = file_sha256(path / "vision.safetensors")
+        return LoadedEncoder(model, info.get("lineage"), identity, source=str(path))
     if path.suffix == ".safetensors":
         state, ckpt = load_file(str(path)), {}
     else:
@@ -218,7 +220,7 @@ def load_vision_encoder(
         cfg = _config_via_pretrain_module(path)
     model = VisionTransformer(cfg)
     report = load_state_into(model, state, str(path), allow_missing=allow_missing)
-    return LoadedEncoder(model, lineage_of(ckpt), file_sha256(path), report)
+    return LoadedEncoder(model, lineage_of(ckpt), file_sha256(path), report, str(path))
 
 
 def _config_via_pretrain_module(path: Path) -> VisionConfig:

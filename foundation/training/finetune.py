@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from foundation.data.encoder_input import encoder_eval_transform, input_lineage, input_windows
 from foundation.data.labels import (
     LabelledSamples,
     LabelTable,
@@ -102,11 +103,17 @@ __all__ = [
 
 
 # ---- data -------------------------------------------------------------------------------------
-def build_transform(dims: int, size: list[int]) -> Callable[[np.ndarray, dict], Tensor]:
-    """The deterministic evaluation transform of the data stage."""
-    from foundation.data.transforms import eval_transform
-
-    return eval_transform(dims, tuple(size))
+def build_transform(
+    dims: int, size: list[int], encoder: LoadedEncoder | None = None
+) -> Callable[[np.ndarray, dict], Tensor]:
+    """The deterministic evaluation transform of the data stage, giving ``encoder`` the input it
+    was pretrained on: its ``in_channels`` (all CT windows, or the first) and the CT windows its
+    lineage records (``foundation.data.encoder_input``). No encoder: one channel, defaults."""
+    if encoder is None:
+        return encoder_eval_transform(dims, tuple(size), 1)
+    return encoder_eval_transform(
+        dims, tuple(size), encoder.model.cfg.in_channels, encoder.lineage, encoder.source
+    )
 
 
 def load_task_data(
@@ -114,11 +121,14 @@ def load_task_data(
     table: LabelTable,
     samples: Iterable[Sample],
     transform: Callable[[np.ndarray, dict], Tensor] | None = None,
+    encoder: LoadedEncoder | None = None,
 ) -> LabelledSamples:
-    """The config's labelled samples with their transformed images."""
+    """The config's labelled samples with their images transformed by ``transform``, else by
+    the evaluation transform that fits ``encoder`` (see ``build_transform``)."""
 
     def make(dims: int) -> Callable[[np.ndarray, dict], Tensor]:
-        return transform or build_transform(dims, cfg.data.image_size or DEFAULT_SIZE[dims])
+        size = cfg.data.image_size or DEFAULT_SIZE[dims]
+        return transform or build_transform(dims, size, encoder)
 
     data = join_labels(table, samples, cfg.data.modality, cfg.data.dims, make)
     if not data.keys:
@@ -154,7 +164,12 @@ def load_encoder_for(cfg: FinetuneConfig) -> LoadedEncoder:
         raise ValueError(f"{cfg.name}: encoder.init must be 'pretrained' or 'random'")
     vision = enc.vision
     if vision is None and enc.checkpoint:
-        vision = asdict(load_vision_encoder(enc.checkpoint).model.cfg)  # same shape, new weights
+        # same shape and inputs (channels, CT windows), new weights
+        source = load_vision_encoder(enc.checkpoint)
+        random = load_vision_encoder(None, asdict(source.model.cfg), seed=cfg.train.seed)
+        random.lineage = input_lineage(source.lineage)
+        random.source = f"random init of {source.source}"
+        return random
     return load_vision_encoder(None, vision, seed=cfg.train.seed)
 
 
@@ -224,6 +239,8 @@ def run_finetune(
     if cfg.encoder.pooling == "auto":  # the embedding pretraining shaped: CLS or patch mean
         cfg.encoder.pooling = loaded.model.cfg.pool
     check_preprocessing(loaded.lineage, manifest, cfg.data.manifest)
+    if transform is None:  # an encoder its data cannot feed fails here, before any image is read
+        input_windows(loaded.model.cfg.in_channels, loaded.lineage, loaded.source)
     table = labels_for(cfg, key, manifest)
     samples = (
         samples
@@ -245,7 +262,7 @@ def run_finetune(
 
 
 def _run_module_job(cfg, loaded, table, samples, transform) -> dict[str, Any]:
-    data = load_task_data(cfg, table, samples, transform)
+    data = load_task_data(cfg, table, samples, transform, loaded)
     split = make_run_split(cfg, data.study_patient, data.rows)
     train_rows = [data.rows[s] for s in split.of("train")]
     fit_classes(cfg.tasks, data.rows.values())
