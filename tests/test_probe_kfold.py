@@ -204,3 +204,31 @@ def test_ridge_probe_stays_within_the_fitted_target_range():
     far[0, 0] = 50.0  # 50 standard deviations out: unclipped, expm1 of ~77
     assert predict(far)[0, 0] == pytest.approx(score.max(), rel=1e-4)
     assert predict(-far)[0, 0] == pytest.approx(score.min(), abs=1e-3)
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_mlp_probe_stays_within_the_fitted_target_range(hidden: int) -> None:
+    """As the ridge probe: an MLP probe extrapolates linearly too (ReLU), and must not turn one
+    outlying study into an absurd log1p score."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4))
+    score = np.expm1(np.clip(2.0 + 1.5 * x[:, 0] + 0.1 * rng.normal(size=60), 0.0, None))
+    task = TaskSpec(name="calcium", type="regression", target_transform="log1p")
+    task.fit_normalisation(score[:40].tolist())
+    t = np.array([task.encode({"calcium": v}) for v in score])
+    t[3] = np.nan  # a missing target is left out of the range, not NaN-poisoning it
+    predict, _ = probe_mod.fit_probe(x[:40], t[:40], x[40:], t[40:], task, hidden, steps=300)
+    inside = predict(x[40:])[:, 0]
+    assert np.corrcoef(inside, score[40:])[0, 1] > 0.9  # the probe does learn the signal
+    fitted = np.delete(score[:40], 3)
+    far = np.zeros((1, 4))
+    far[0, 0] = 50.0  # 50 standard deviations out: unclipped, expm1 of tens
+    assert predict(far)[0, 0] == pytest.approx(fitted.max(), rel=1e-4)
+    assert predict(-far)[0, 0] == pytest.approx(fitted.min(), abs=1e-3)
+
+
+def test_target_range_leaves_missing_targets_out() -> None:
+    from foundation.evaluation.linear_probe import target_range
+
+    lo, hi = target_range(np.array([[1.0, np.nan], [np.nan, np.nan], [3.0, np.nan]]))
+    assert lo.tolist() == [1.0, -np.inf] and hi.tolist() == [3.0, np.inf]

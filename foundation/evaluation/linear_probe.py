@@ -43,6 +43,17 @@ def _standardiser(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda z: (np.asarray(z, np.float64) - mu) / sd
 
 
+def target_range(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column ``(min, max)`` of encoded targets ``(n, T)``, NaN (missing) left out; a
+    column without any target is unbounded. Regression probes clip predictions to it."""
+    t = np.asarray(t, np.float64).reshape(len(t), -1)
+    seen = ~np.isnan(t)
+    lo = np.where(seen, t, np.inf).min(axis=0, initial=np.inf)
+    hi = np.where(seen, t, -np.inf).max(axis=0, initial=-np.inf)
+    empty = ~seen.any(axis=0)
+    return np.where(empty, -np.inf, lo), np.where(empty, np.inf, hi)
+
+
 # ---- ridge ------------------------------------------------------------------------------------
 def ridge_path(
     x: np.ndarray, y: np.ndarray, lambdas: Sequence[float]
@@ -200,7 +211,7 @@ def fit_linear_probe(
     # A ridge probe extrapolates linearly; under a log1p target one study far outside the
     # training features becomes an absurd score (expm1 of it). Predictions stay within the range
     # of the targets the probe was fitted on, as a head without evidence beyond it should.
-    lo, hi = (np.nanmin(t, axis=0), np.nanmax(t, axis=0)) if ridge else (None, None)
+    lo, hi = target_range(t) if ridge else (None, None)
 
     def predict(z: np.ndarray) -> np.ndarray:
         zs = scale(z)

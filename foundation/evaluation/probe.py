@@ -26,7 +26,7 @@ from torch import Tensor
 
 from foundation.data.encoder_input import input_windows, windows_record
 from foundation.data.labels import LabelTable, select_samples
-from foundation.evaluation.linear_probe import fit_linear_probe
+from foundation.evaluation.linear_probe import fit_linear_probe, target_range
 from foundation.evaluation.splits import SPLIT_NAMES, Split, make_kfold
 from foundation.models.export import LoadedEncoder, manifest_version
 from foundation.models.heads import TaskSpec, make_head
@@ -148,7 +148,8 @@ def fit_probe(
     """Full-batch AdamW probe on standardised features; keeps the best-validation weights.
 
     ``t_*``: encoded targets (n, 1 or L), NaN = missing. Returns ``predict(x) -> decoded``
-    predictions and the training-loss curve.
+    predictions (regression: clipped to the range of ``t_train``, as the ridge probe does) and
+    the training-loss curve.
     """
     torch.manual_seed(seed)
     mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
@@ -175,10 +176,19 @@ def fit_probe(
     if xv is not None:
         head.load_state_dict(best_state)
     head.eval()
+    # As the ridge probe: a ReLU head extrapolates linearly too, and under a log1p target one
+    # study far outside the training features would decode to an absurd score.
+    bounds = (
+        tuple(torch.tensor(b, dtype=torch.float32) for b in target_range(t_train))
+        if task.type == "regression"
+        else None
+    )
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             out = head(torch.tensor((x - mu) / sd, dtype=torch.float32))
+            if bounds is not None:
+                out = torch.clamp(out, *bounds)
             return task.decode(out).reshape(len(x), -1).numpy()
 
     return predict, losses
