@@ -1,13 +1,15 @@
-"""Linear and MLP probes on frozen encoders, over cached embeddings.
+"""Linear and MLP probes on frozen encoders, over cached embeddings (the probe path of
+``run_finetune``).
 
 A probe suite over many biomarkers should cost one encoder pass per (encoder, data): the
 embeddings of every sample of a modality/dims (CLS and mean-pooled, both) are computed once
 and cached under a key made of the encoder's content hash (or its random-init seed and
-config), the manifest version and the transform (modality, dims, size). Each biomarker then
-fits a small head on study embeddings (the mean of the study's series) in milliseconds.
+config), the manifest version and the transform (modality, dims, size, CT windows fed). Each
+biomarker then fits a small head on study embeddings (the mean of the study's series) in
+milliseconds: per task and per fold, a ridge / logistic probe (``linear_probe``) or an MLP.
 
-``run_probe_suite`` runs the same probes on the pretrained encoder and on a randomly
-initialised one of the same shape, and writes ``results.md``, ``results.json`` and plots.
+The suite over tasks, pretrained vs random init, lives in ``probe_suite``; its names stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,30 @@ from torch import Tensor
 from foundation.data.encoder_input import input_windows, windows_record
 from foundation.data.labels import LabelTable, select_samples
 from foundation.evaluation.linear_probe import fit_linear_probe, target_range
-from foundation.evaluation.splits import SPLIT_NAMES, Split, make_kfold
+
+# The suite lives in its own module; its names stay importable from here (the CLI, the demo,
+# tests). probe_suite does not import this module, so there is no cycle.
+from foundation.evaluation.probe_suite import evaluation_mode, run_probe_suite
+from foundation.evaluation.splits import POOLED, SPLIT_NAMES, Split, make_kfold
 from foundation.models.export import LoadedEncoder, manifest_version
 from foundation.models.heads import TaskSpec, make_head
 from foundation.sample import MODALITIES, Sample
 
+__all__ = [
+    "CACHE_FORMAT",
+    "POOLED",
+    "cache_key",
+    "cached_embeddings",
+    "embed_samples",
+    "evaluation_mode",
+    "fit_probe",
+    "fit_probes",
+    "run_probe_job",
+    "run_probe_suite",
+    "study_embeddings",
+]
+
 CACHE_FORMAT = 1
-POOLED = -1  # split.fold value: run every fold and pool the out-of-fold predictions
 
 
 # ---- embedding cache --------------------------------------------------------------------------
@@ -336,106 +355,3 @@ def _fit_predict(
     te = part["test"]
     pred = predict(x[te]) if len(te) else np.zeros((0, t.out_features))
     return {studies[i]: p.tolist() for i, p in zip(te, pred, strict=True)}, info
-
-
-# ---- suite: pretrained vs random init ---------------------------------------------------------
-def _set(cfg: dict, dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    for p in path:
-        cfg = cfg.setdefault(p, {})
-    cfg[last] = value
-
-
-def evaluation_mode(split: dict[str, Any]) -> str:
-    """How a config's metrics are computed, in words (``split``: its split section)."""
-    k, fold = split.get("kfold") or 0, split.get("fold", 0)
-    kind = "stratified " if split.get("stratify", True) else ""
-    if k > 1 and fold == POOLED:
-        return f"{k}-fold {kind}patient-level cross-validation, pooled out-of-fold predictions"
-    if k > 1:
-        return f"fold {fold} of a {k}-fold {kind}patient-level split"
-    return "patient-level test split"
-
-
-def run_probe_suite(
-    checkpoint: str | Path | None,
-    manifest: str | Path,
-    label_table: str | Path,
-    tasks: Sequence[Any],
-    key: Any,
-    out_dir: str | Path,
-    *,
-    probe: str = "linear",
-    cache_dir: str | Path | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    overrides: dict[str, Any] | None = None,
-    vision: dict | None = None,
-    samples_fn: Callable[[], Iterable[Sample]] | None = None,
-    transform: Callable[[np.ndarray, dict], Tensor] | None = None,
-    kfold: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Probe every task on the pretrained encoder (if given) and on a random init of it.
-
-    ``tasks``: finetune configs (paths, dicts or FinetuneConfig). ``overrides``: dotted config
-    keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). ``kfold``: ``k > 1``
-    evaluates by patient-level k-fold cross-validation: a probe per fold, fitted on the other
-    folds, predicts its fold, and the metrics and bootstrap intervals are computed on the
-    pooled out-of-fold predictions of every study; else on each config's test split. Returns
-    per task ``{"metric", "type", "evaluation", "n_test", "pretrained", "pretrained_ci",
-    "random_init", "random_init_ci", "metrics"}`` and writes ``out_dir/results.{md,json}``
-    and plots.
-    """
-    from foundation.evaluation.report import write_report
-    from foundation.training.finetune import FinetuneConfig, run_finetune
-
-    out = Path(out_dir)
-    inits = (["pretrained"] if checkpoint is not None else []) + ["random_init"]
-    summary: dict[str, dict[str, Any]] = {}
-    plots: dict[str, dict[str, dict]] = {}
-    for task in tasks:
-        base = FinetuneConfig.from_any(task).to_dict()
-        base["data"]["manifest"] = str(manifest)
-        base["labels"]["path"] = str(label_table)
-        base["encoder"].update(
-            freeze=f"{probe}_probe", checkpoint=str(checkpoint) if checkpoint else None
-        )
-        if vision is not None:
-            base["encoder"]["vision"] = vision
-        base["eval"].update(n_bootstrap=n_bootstrap, seed=seed)
-        base["cache_dir"] = str(cache_dir or out / "embedding_cache")
-        if kfold is not None and kfold > 1:
-            base["split"].update(kfold=int(kfold), fold=POOLED)
-        for dotted, value in (overrides or {}).items():
-            _set(base, dotted, value)
-        evaluation = evaluation_mode(base["split"])
-        for init in inits:
-            cfg = copy.deepcopy(base)
-            cfg["encoder"]["init"] = "pretrained" if init == "pretrained" else "random"
-            cfg["out_dir"] = str(out / base["name"] / init)
-            samples = samples_fn() if samples_fn else None
-            res = run_finetune(cfg, key, samples=samples, transform=transform)
-            for name, tr in res["tasks"].items():
-                m = tr["metrics"][tr["metric"]]
-                entry = summary.setdefault(
-                    name,
-                    {
-                        "metric": tr["metric"],
-                        "type": tr["type"],
-                        "evaluation": evaluation,
-                        "n_test": tr["n_test"],
-                        "pretrained": None,
-                        "pretrained_ci": None,
-                        "metrics": {},
-                    },
-                )
-                entry[init], entry[f"{init}_ci"] = m["value"], m["ci"]
-                if "baseline" in tr and "baseline" not in entry:  # same split, same studies
-                    b = tr["baseline"][tr["metric"]]
-                    entry["baseline"], entry["baseline_ci"] = b["value"], b["ci"]
-                    entry["metrics"]["baseline"] = tr["baseline"]
-                entry["target_transform"] = tr.get("target_transform")
-                entry["metrics"][init] = tr["metrics"]
-                plots.setdefault(name, {})[init] = res["predictions"][name]
-    write_report(summary, plots, out)
-    return summary

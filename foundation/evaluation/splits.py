@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+POOLED = -1  # split.fold value: run every fold and pool the out-of-fold predictions (probes)
 
 
 def _rank(seed: int, patient: str) -> str:
