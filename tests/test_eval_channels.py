@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_cluster import cpu_trainer
+from fixtures_cluster import TINY_CONFIG, cpu_trainer, tiny_dataset, tiny_overrides  # noqa: F401
 from torch.utils.data import DataLoader, Dataset
 
 from foundation.data.datamodule import ShardDataModule
@@ -224,3 +224,38 @@ def test_exported_encoder_keeps_its_windows_and_a_mismatch_is_named(
     cfg = _calcium_config(ingested, out, tmp_path / "bad")
     with pytest.raises(ValueError, match=rf"{out.name}.*in_channels=3.*2 CT windows"):
         run_finetune(cfg, load_key(ingested.key_file))
+
+
+# ---- the whole path: a multi-window pretraining run, then its evaluation -----------------------
+def test_multi_window_pretraining_run_is_evaluated_on_its_windows(
+    tiny_dataset,  # noqa: F811 (the session fixture imported above)
+    seen,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LightningCLI pretraining with ``data.multi_window`` and custom windows records them in
+    the checkpoint; zero-shot retrieval then feeds both models 3 channels of those windows."""
+    from foundation.evaluation.zero_shot import retrieval_vs_random
+    from foundation.training.launch import run_pretrain
+
+    windows = ",".join(f"[{lv},{wd}]" for lv, wd in RECORDED)
+    monkeypatch.chdir(tmp_path)  # nothing lands in the repository
+    ckpt, _ = run_pretrain(
+        TINY_CONFIG,
+        [
+            *tiny_overrides(tiny_dataset),
+            f"--run_dir={tmp_path / 'run'}",
+            "--data.multi_window=true",
+            f"--data.ct_windows=[{windows}]",
+            "--model.vision.in_channels=3",
+            "--trainer.max_steps=2",
+            "--model.warmup_steps=1",
+        ],
+    )
+    assert {s[1] for s in seen["shapes"]} == {3}  # pretraining itself read 3 channels
+    seen["shapes"].clear()
+    res = retrieval_vs_random(
+        ckpt, tiny_dataset.manifest, tiny_dataset.tokenizer_dir, val_fraction=1.0
+    )
+    assert res["pretrained"]["n"] > 0
+    _assert_fed(seen, 3)
