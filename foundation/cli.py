@@ -218,7 +218,15 @@ def _run_tokenizer_train(args: argparse.Namespace) -> int:
         kind=args.kind,
         exclusion_list=args.exclusion_list,
     )
-    print(f"tokenizer trained on {n} reports, saved to {args.out}")
+    from foundation.data.report_lengths import load
+    from foundation.progress import print_summary
+
+    stats = load(args.out) or {}
+    p = stats.get("percentiles", [None] * 101)
+    rows = {"reports": n, "folder": args.out, "tokens per report (median)": p[50]}
+    rows |= {"tokens per report (p90)": p[90], "tokens per report (max)": p[100]}
+    rows |= {f"share over {b} tokens": v for b, v in stats.get("truncated", {}).items()}
+    print_summary("tokenizer", rows)
     return 0
 
 

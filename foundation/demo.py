@@ -156,13 +156,28 @@ class Demo:
             "verified": report.ok,
         }
 
-    def tokenizer(self) -> None:
+    def tokenizer(self) -> dict[str, Any]:
+        import yaml
+
+        from foundation.data import report_lengths
         from foundation.data.report_corpus import train_tokenizer_from_manifest
 
         self.tokenizer_dir = self.out / "tokenizer"
-        train_tokenizer_from_manifest(
+        n = train_tokenizer_from_manifest(
             self.manifest, self.tokenizer_dir, vocab_size=2000, exclusion_list=self.exclusion
         )
+        stats = report_lengths.load(self.tokenizer_dir) or {}
+        tiny = yaml.safe_load(_config("pretrain/tiny.yaml").read_text(encoding="utf-8"))
+        budget = int(tiny["data"]["max_report_tokens"])
+        p = stats.get("percentiles", [None] * 101)
+        return {
+            "reports": n,
+            "tokens_median": p[50],
+            "tokens_p90": p[90],
+            f"share_over_{budget}_tokens": report_lengths.share_over(stats, budget)
+            if stats
+            else None,
+        }
 
     def pretrain(self) -> dict[str, Any]:
         from foundation.training.launch import run_pretrain

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,10 +20,13 @@ from typing import Any, Literal
 import lightning as L
 
 from foundation.data.encoder_input import LINEAGE_KEY, windows_record
+from foundation.data.report_lengths import budget_warning
 from foundation.data.report_sections import select_sections
 from foundation.data.stream import EpochLoader, ShardStream
 from foundation.data.transforms import DEFAULT_CT_WINDOWS, eval_transform, train_transform
 from foundation.shards.manifest import Manifest, ManifestError
+
+log = logging.getLogger(__name__)
 
 
 def merge_manifests(paths: list[str], project: str | None = None) -> Manifest:
@@ -189,6 +193,14 @@ class ShardDataModule(L.LightningDataModule):
             self.tokenize = _HFTokenize(
                 self.tokenizer_dir, self.max_report_tokens, self.report_sections
             )
+            # measured on whole reports: with report_sections the text read is shorter
+            warning = (
+                None
+                if self.report_sections
+                else budget_warning(self.tokenizer_dir, self.max_report_tokens)
+            )
+            if warning:
+                log.warning(warning)
         windows = self.ct_windows
         if train:
             t3 = train_transform(

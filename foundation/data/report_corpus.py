@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from foundation.data import report_lengths
 from foundation.data.tokenizer import train_tokenizer
 from foundation.privacy.exclusion import ExclusionList
 from foundation.shards.reader import iter_samples
@@ -34,9 +35,15 @@ def train_tokenizer_from_manifest(
     kind: str = "wordpiece",
     exclusion_list: str | Path | None = None,
 ) -> int:
-    """Train and save a tokenizer on a dataset's reports; returns the number of reports."""
+    """Train and save a tokenizer on a dataset's reports; returns the number of reports.
+
+    The reports' lengths in the new tokenizer's tokens are saved beside it
+    (``report_lengths.json``), so a token budget that cuts reports can be seen before training.
+    """
     reports = list(iter_reports(manifest, exclusion_list))
     if not reports:
         raise ValueError(f"{manifest}: no report to train a tokenizer on")
-    train_tokenizer(reports, Path(out_dir), vocab_size=vocab_size, kind=kind)
+    tokenizer = train_tokenizer(reports, Path(out_dir), vocab_size=vocab_size, kind=kind)
+    lengths = report_lengths.token_lengths(reports, tokenizer)
+    report_lengths.save(report_lengths.summarise(lengths), out_dir)
     return len(reports)
