@@ -11,7 +11,17 @@ import pytest
 from foundation.data import report_lengths as rl
 from foundation.data.tokenizer import train_tokenizer
 
-WORDS = "cardiomégalie modérée silhouette normale nodule pulmonaire lobe supérieur droit".split()
+WORDS = [
+    "cardiomégalie",
+    "modérée",
+    "silhouette",
+    "normale",
+    "nodule",
+    "pulmonaire",
+    "lobe",
+    "supérieur",
+    "droit",
+]
 
 
 @pytest.fixture(scope="module")
