@@ -29,6 +29,11 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
     assert erasure["verified"] and erasure["dataset_version"] >= 1
     assert erasure["samples_removed"] <= stages["optout"]["excluded_samples"]
 
+    tokens = stages["tokenizer"]  # report lengths measured with the demo's own tokenizer
+    assert 0 < tokens["reports"] <= ingest["samples"]
+    assert 0 < tokens["tokens_median"] <= tokens["tokens_p90"]
+    assert 0.0 <= tokens["share_over_256_tokens"] <= 1.0
+
     pretrain = stages["pretrain"]
     assert pretrain["steps"] > 0 and (out / "runs" / "pretrain" / "final.ckpt").is_file()
     n = stages["evaluate"]["heldout_studies"]
