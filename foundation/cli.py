@@ -404,11 +404,13 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from foundation.demo import DEFAULT_PATIENTS
+
     p = sub.add_parser("demo", help="run every stage end to end on a fresh synthetic cohort")
     p.add_argument("--out", default=None, help="keep everything in this folder (default: temp)")
-    p.add_argument("--patients", type=int, default=40)
+    p.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smaller cohort and shorter training (CI)")
+    p.add_argument("--quick", action="store_true", help="shorter training and fewer resamples (CI)")
     p.set_defaults(handler=_run_demo)
 
 
