@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import foundation
-from foundation.models.feature_norm import RunningStandardize
 from foundation.models.text import TextConfig, TextEncoder
 from foundation.models.vision import VisionConfig, VisionTransformer
 from foundation.objectives.contrastive import build_contrastive_loss
@@ -84,7 +83,6 @@ class PretrainModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         ema: bool = False,
         ema_decay: float = 0.999,
-        feature_norm: Literal["none", "running"] = "none",
         compile: bool = False,
         lineage: dict | None = None,
     ):
@@ -103,12 +101,6 @@ class PretrainModule(L.LightningModule):
         self.text = TextEncoder(tcfg)
         self.vision_proj = nn.Linear(self.vision.embed_dim, embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.embed_dim, embed_dim, bias=False)
-        # "running": pooled features standardised before the projections (feature_norm.py)
-        if feature_norm not in ("none", "running"):
-            raise ValueError(f"feature_norm must be 'none' or 'running', not {feature_norm!r}")
-        running = feature_norm == "running"
-        self.vision_norm = RunningStandardize(self.vision.embed_dim) if running else nn.Identity()
-        self.text_norm = RunningStandardize(self.text.embed_dim) if running else nn.Identity()
         self.contrastive = build_contrastive_loss(loss)
         self.decoder: MaskedImageDecoder | None = None
         if w_mim > 0 and mask_ratio > 0:
@@ -126,10 +118,7 @@ class PretrainModule(L.LightningModule):
         self._last_batch_start: float | None = None
 
     def _ema_source(self) -> nn.ModuleDict:
-        parts = {"vision": self.vision, "proj": self.vision_proj}
-        if not isinstance(self.vision_norm, nn.Identity):  # EMA keys unchanged without it
-            parts["norm"] = self.vision_norm
-        return nn.ModuleDict(parts)
+        return nn.ModuleDict({"vision": self.vision, "proj": self.vision_proj})
 
     def configure_model(self) -> None:
         # Compile block by block (as torchtitan does): masking, the positional-table cache and
@@ -157,17 +146,14 @@ class PretrainModule(L.LightningModule):
         if use_ema:
             if self.ema is None:
                 raise ValueError("this module was not trained with ema=True")
-            ema = self.ema.module
-            vision, proj = ema["vision"], ema["proj"]
-            norm = dict(ema.items()).get("norm", self.vision_norm)
+            vision, proj = self.ema.module["vision"], self.ema.module["proj"]
         else:
-            vision, proj, norm = self.vision, self.vision_proj, self.vision_norm
-        return F.normalize(proj(norm(vision(image, modality).pooled)), dim=-1)
+            vision, proj = self.vision, self.vision_proj
+        return F.normalize(proj(vision(image, modality).pooled), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` ids and mask -> ``(B, embed_dim)`` L2-normalised."""
-        pooled = self.text(input_ids, attention_mask)  # (B, hidden)
-        return F.normalize(self.text_proj(self.text_norm(pooled)), dim=-1)
+        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -189,7 +175,7 @@ class PretrainModule(L.LightningModule):
         image, modality = batch["image"], batch["modality"]
         gen = self._mask_generator(image.device, batch_idx) if mask_ratio > 0 else None
         out = self.vision(image, modality, mask_ratio=mask_ratio, generator=gen)
-        img = F.normalize(self.vision_proj(self.vision_norm(out.pooled)), dim=-1)  # (B, E)
+        img = F.normalize(self.vision_proj(out.pooled), dim=-1)  # (B, E)
         txt = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, E)
         l_c = self.contrastive(img.float(), txt.float())
         hp = self.hparams
