@@ -43,7 +43,11 @@ LOCK_SUFFIX = ".lock"
 POLL_SECONDS = 0.1  # between attempts while waiting
 
 
-class DatasetLockedError(RuntimeError):
+class DatasetLockError(RuntimeError):
+    """The dataset's lock cannot be taken at all (a file system without flock)."""
+
+
+class DatasetLockedError(DatasetLockError):
     """Another process (or thread) holds the dataset's lock; names the manifest and holder."""
 
 
@@ -111,10 +115,16 @@ def _try_flock(fd: int, manifest: Path) -> bool:
     except BlockingIOError:
         return False
     except OSError as e:  # e.g. ENOLCK / ENOSYS: a file system without flock
-        raise DatasetLockedError(
+        raise DatasetLockError(
             f"{manifest}: cannot lock the dataset for writing"
             f" ({errno.errorcode.get(e.errno, 'error')}: file system without flock support?)"
         ) from None
+
+
+def _holds(manifest: Path) -> bool:
+    """Whether this thread holds the lock of ``manifest`` already."""
+    with _registry:
+        return (lock_path(manifest), threading.get_ident()) in _held
 
 
 def _acquire(manifest: Path, wait: float, operation: str) -> None:
@@ -180,7 +190,8 @@ def _parts(manifest_path: Path) -> list[Path]:
     except ManifestError:
         return []  # the writer itself reports the unreadable manifest
     base = manifest_path.resolve().parent
-    return sorted({(base / s["manifest"]).resolve() for s in sources if s.get("manifest")})
+    parts = {(base / s["manifest"]).resolve() for s in sources if s.get("manifest")}
+    return sorted(p for p in parts if p.is_file())  # a part deleted since: nothing to protect
 
 
 @contextlib.contextmanager
@@ -194,7 +205,8 @@ def dataset_lock(
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     with contextlib.ExitStack() as stack:
+        nested = _holds(path)  # re-entered: the outer call holds the parts already
         stack.enter_context(hold(path, wait=wait, operation=operation))
-        for part in _parts(path):  # read under the lock of the merged manifest
+        for part in [] if nested else _parts(path):  # read under the merged manifest's lock
             stack.enter_context(hold(part, wait=wait, operation=operation))
         yield
