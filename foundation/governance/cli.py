@@ -4,7 +4,9 @@ modules lazily). ``optout`` may already exist (import/status): ``apply`` is adde
 ``import`` handler is wrapped to append an audit entry.
 
 Every command takes ``--audit-log`` (default: ``$FOUNDATION_AUDIT_LOG``, else ``audit.jsonl``
-next to the manifest, or next to the exclusion list for ``optout import``).
+next to the manifest, or next to the exclusion list for ``optout import``). Commands that write
+a manifest take ``--wait SECONDS``: how long to wait for another writer's lock on the dataset
+(default 0: fail at once, exit status 75, "temporary failure: try again").
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ def _common(p: argparse.ArgumentParser, *, manifest: bool = True) -> None:
     p.add_argument("--audit-log", default=None, help="audit log (default: next to the manifest)")
 
 
+def _wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another erasure/rewrite holds the dataset's lock, wait up to this long"
+        " (default: fail at once)",
+    )
+
+
 def _keys_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--key-file",
@@ -63,7 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also erase patients who objected (default: erasure requests only)",
     )
-    p.set_defaults(handler=_run_optout_apply)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_optout_apply))
     imp = optout.choices.get("import")
     if imp is not None and imp.get_default("handler") is not None:
         imp.add_argument("--audit-log", default=None, help="audit log (default: next to --list)")
@@ -89,14 +103,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="columns accession_number or study, field, value [, patient_id]",
     )
     _keys_option(p)
-    p.set_defaults(handler=_run_subject_rectify)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_subject_rectify))
 
     retention = _group(sub, "retention", "retention deadlines and purge")
     p = retention.add_parser("set", help="record the retention deadline of a dataset")
     _common(p)
     p.add_argument("--last-publication", type=_date, required=True, help="YYYY-MM-DD")
     p.add_argument("--period-days", type=int, default=730)
-    p.set_defaults(handler=_run_retention_set)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_retention_set))
     p = retention.add_parser("check", help="datasets past or near their deadline")
     p.add_argument("paths", nargs="+", help="manifests or folders of manifests")
     p.add_argument("--warn-days", type=int, default=90)
@@ -106,7 +122,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--yes", action="store_true", help="really delete (default: dry run)")
     p.add_argument("--today", type=_date, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(handler=_run_retention_purge)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_retention_purge))
 
     project = _group(sub, "project", "projects approved to use a dataset (purpose limitation)")
     p = project.add_parser("approve", help="approve a project until a date")
@@ -114,11 +131,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id", required=True, dest="project_id")
     p.add_argument("--approval", required=True, help="reference of the approval decision")
     p.add_argument("--expires", type=_date, required=True, help="last valid day, YYYY-MM-DD")
-    p.set_defaults(handler=_run_project_approve)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_project_approve))
     p = project.add_parser("revoke", help="withdraw a project's approval")
     _common(p)
     p.add_argument("--id", required=True, dest="project_id")
-    p.set_defaults(handler=_run_project_revoke)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_project_revoke))
 
     dataset = _group(sub, "dataset", "datasets built from several centres or ingest parts")
     p = dataset.add_parser("merge", help="one manifest over several (centres, ingest parts)")
@@ -126,7 +145,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="merged manifest, e.g. data_manifests/NAME.json")
     p.add_argument("--name", default=None, help="dataset name (default: the --out file stem)")
     _common(p, manifest=False)
-    p.set_defaults(handler=_run_dataset_merge)
+    _wait_option(p)
+    p.set_defaults(handler=_locked(_run_dataset_merge))
 
     aud = _group(sub, "audit", "the audit log and checkpoint lineage")
     p = aud.add_parser("verify", help="check the hash chain of an audit log")
@@ -142,6 +162,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 # -- handlers -----------------------------------------------------------------------------
+
+
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another writer holds the dataset; retry later
+
+
+def _locked(handler):
+    """``handler`` with another writer's lock reported as one line on stderr (exit 75)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from foundation.governance.dataset_lock import DatasetLockedError
+
+        try:
+            return handler(args)
+        except DatasetLockedError as e:
+            print(f"foundation: {e}", file=sys.stderr)
+            return EXIT_LOCKED
+
+    return run
 
 
 def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -183,7 +221,11 @@ def _run_optout_apply(args: argparse.Namespace) -> int:
 
     lists = [ExclusionList.load(p) for p in args.list]
     out = apply_erasure(
-        args.manifest, lists, include_opposition=args.include_opposition, audit_log=args.audit_log
+        args.manifest,
+        lists,
+        include_opposition=args.include_opposition,
+        audit_log=args.audit_log,
+        lock_wait=args.wait,
     )
     rows = [
         ("dataset", out.dataset),
@@ -255,7 +297,9 @@ def _run_subject_rectify(args: argparse.Namespace) -> int:
     from foundation.governance import subject
 
     (key, *_) = _keys(args)
-    result, bad = subject.rectify(args.manifest, args.csv, key, audit_log=args.audit_log)
+    result, bad = subject.rectify(
+        args.manifest, args.csv, key, audit_log=args.audit_log, lock_wait=args.wait
+    )
     rows: list[tuple[str, Any]] = [("rows rejected", len(bad))]
     rows += [(f"rejected line {line}", reason) for line, reason in bad[:20]]
     if result is None:
@@ -274,7 +318,11 @@ def _run_retention_set(args: argparse.Namespace) -> int:
     from foundation.governance.retention import set_retention
 
     rec = set_retention(
-        args.manifest, args.last_publication, args.period_days, audit_log=args.audit_log
+        args.manifest,
+        args.last_publication,
+        args.period_days,
+        audit_log=args.audit_log,
+        lock_wait=args.wait,
     )
     _summary(f"retention {args.manifest}", list(rec.items()))
     return 0
@@ -307,7 +355,9 @@ def _run_retention_check(args: argparse.Namespace) -> int:
 def _run_retention_purge(args: argparse.Namespace) -> int:
     from foundation.governance.retention import purge
 
-    r = purge(args.manifest, today=args.today, yes=args.yes, audit_log=args.audit_log)
+    r = purge(
+        args.manifest, today=args.today, yes=args.yes, audit_log=args.audit_log, lock_wait=args.wait
+    )
     verb = "would delete (dry run: add --yes)" if r.dry_run else "deleted"
     _summary(
         f"retention purge {args.manifest}",
@@ -324,7 +374,12 @@ def _run_project_approve(args: argparse.Namespace) -> int:
     from foundation.governance.projects import approve
 
     rec = approve(
-        args.manifest, args.project_id, args.approval, args.expires, audit_log=args.audit_log
+        args.manifest,
+        args.project_id,
+        args.approval,
+        args.expires,
+        audit_log=args.audit_log,
+        lock_wait=args.wait,
     )
     _summary(f"project approved for {args.manifest}", list(rec.items()))
     return 0
@@ -333,7 +388,7 @@ def _run_project_approve(args: argparse.Namespace) -> int:
 def _run_project_revoke(args: argparse.Namespace) -> int:
     from foundation.governance.projects import revoke
 
-    rec = revoke(args.manifest, args.project_id, audit_log=args.audit_log)
+    rec = revoke(args.manifest, args.project_id, audit_log=args.audit_log, lock_wait=args.wait)
     _summary(f"project revoked for {args.manifest}", list(rec.items()))
     return 0
 
@@ -341,7 +396,9 @@ def _run_project_revoke(args: argparse.Namespace) -> int:
 def _run_dataset_merge(args: argparse.Namespace) -> int:
     from foundation.governance.merge import merge
 
-    m = merge(args.manifests, args.out, name=args.name, audit_log=args.audit_log)
+    m = merge(
+        args.manifests, args.out, name=args.name, audit_log=args.audit_log, lock_wait=args.wait
+    )
     _summary(
         f"dataset merge -> {args.out}",
         [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from foundation.governance import rewrite
 from foundation.governance.audit import default_log_path
+from foundation.governance.dataset_lock import dataset_lock
 from foundation.governance.merge import manifest_key_ids
 from foundation.privacy.exclusion import ExclusionList
 from foundation.shards.manifest import Manifest, ManifestError
@@ -105,13 +106,24 @@ def apply_erasure(
     *,
     include_opposition: bool = False,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> ErasureOutcome:
     """Remove the listed patients from the dataset's shards (new version); resumable.
 
     An operation left pending by an interrupted run is finished first. The audit entry holds
-    counts and the exclusion version, never a pseudonym.
+    counts and the exclusion version, never a pseudonym. The dataset's lock is held throughout
+    (``DatasetLockedError`` if another writer holds it past ``lock_wait`` seconds).
     """
-    path = Path(manifest_path)
+    with dataset_lock(manifest_path, wait=lock_wait, operation="optout apply"):
+        return _apply_erasure(Path(manifest_path), lists, include_opposition, audit_log)
+
+
+def _apply_erasure(
+    path: Path,
+    lists: list[ExclusionList],
+    include_opposition: bool,
+    audit_log: str | Path | None,
+) -> ErasureOutcome:
     log = Path(audit_log) if audit_log is not None else default_log_path(path)
     results = []
     if rewrite.pending(path) is not None:

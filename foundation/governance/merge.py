@@ -10,6 +10,7 @@ pseudonyms were made with (``extra["shard_key_ids"]``) and per part where it cam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tarfile
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.governance import audit
+from foundation.governance.dataset_lock import dataset_lock, hold
 from foundation.shards.manifest import Manifest, ManifestError, ShardRecord
 
 
@@ -72,11 +74,29 @@ def merge(
     *,
     name: str | None = None,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> Manifest:
-    """Write the merged manifest at ``out`` and mark the parts merged; returns it."""
+    """Write the merged manifest at ``out`` and mark the parts merged; returns it.
+
+    Holds the locks of ``out`` and of every part (``DatasetLockedError`` past ``lock_wait`` s).
+    """
     out = Path(out)
     if len(paths) < 1:
         raise MergeError("nothing to merge")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as locks:  # merged first, then the parts sorted (see dataset_lock)
+        if out.is_file():
+            locks.enter_context(dataset_lock(out, wait=lock_wait, operation="dataset merge"))
+        else:
+            locks.enter_context(hold(out, wait=lock_wait, operation="dataset merge"))
+        for part in sorted({Path(p).resolve() for p in paths if Path(p).is_file()}):
+            locks.enter_context(dataset_lock(part, wait=lock_wait, operation="dataset merge"))
+        return _merge(paths, out, name, audit_log)
+
+
+def _merge(
+    paths: list[str | Path], out: Path, name: str | None, audit_log: str | Path | None
+) -> Manifest:
     parts = [Manifest.load(p) for p in paths]
     if len({Path(p.location).resolve() for p in parts}) != len(parts):
         raise MergeError("the same manifest is given twice")

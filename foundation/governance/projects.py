@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.governance import audit
+from foundation.governance.dataset_lock import dataset_lock
 from foundation.governance.erase import check_not_revoked
 from foundation.shards.manifest import Manifest
 
@@ -39,33 +40,34 @@ def approve(
     *,
     today: dt.date | None = None,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Approve (or re-approve) ``project_id`` until ``expires``; returns the record."""
-    path = Path(manifest_path)
-    manifest = Manifest.load(path)
-    check_not_revoked(manifest)
     if not project_id.strip() or not approval.strip():
         raise ValueError("a project id and an approval reference are required")
     if expires < _today(today):
         raise ValueError(f"approval of {project_id} would already be expired ({expires})")
-    record = {
-        "id": project_id,
-        "approval": approval,
-        "date": _today(today).isoformat(),
-        "expires": expires.isoformat(),
-    }
-    manifest.extra["projects"] = [p for p in approvals(manifest) if p["id"] != project_id] + [
-        record
-    ]
-    audit.save_and_record(
-        manifest,
-        path,
-        "project approve",
-        audit_log,
-        project=project_id,
-        approval=approval,
-        expires=record["expires"],
-    )
+    path = Path(manifest_path)
+    with dataset_lock(path, wait=lock_wait, operation="project approve"):
+        manifest = Manifest.load(path)
+        check_not_revoked(manifest)
+        record = {
+            "id": project_id,
+            "approval": approval,
+            "date": _today(today).isoformat(),
+            "expires": expires.isoformat(),
+        }
+        others = [p for p in approvals(manifest) if p["id"] != project_id]
+        manifest.extra["projects"] = [*others, record]
+        audit.save_and_record(
+            manifest,
+            path,
+            "project approve",
+            audit_log,
+            project=project_id,
+            approval=approval,
+            expires=record["expires"],
+        )
     return record
 
 
@@ -75,19 +77,21 @@ def revoke(
     *,
     today: dt.date | None = None,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Withdraw the approval of ``project_id`` (kept in the list, marked ``revoked``)."""
     path = Path(manifest_path)
-    manifest = Manifest.load(path)
-    records = approvals(manifest)
-    for record in records:
-        if record["id"] == project_id:
-            record["revoked"] = _today(today).isoformat()
-            break
-    else:
-        raise KeyError(f"{path}: project {project_id} is not approved for this dataset")
-    manifest.extra["projects"] = records
-    audit.save_and_record(manifest, path, "project revoke", audit_log, project=project_id)
+    with dataset_lock(path, wait=lock_wait, operation="project revoke"):
+        manifest = Manifest.load(path)
+        records = approvals(manifest)
+        for record in records:
+            if record["id"] == project_id:
+                record["revoked"] = _today(today).isoformat()
+                break
+        else:
+            raise KeyError(f"{path}: project {project_id} is not approved for this dataset")
+        manifest.extra["projects"] = records
+        audit.save_and_record(manifest, path, "project revoke", audit_log, project=project_id)
     return record
 
 

@@ -10,11 +10,13 @@ parts sharing those shards. Re-running a purge finishes an interrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
 from foundation.governance import audit, redact
+from foundation.governance.dataset_lock import dataset_lock
 from foundation.governance.erase import check_not_revoked
 from foundation.shards.manifest import Manifest
 
@@ -28,21 +30,23 @@ def set_retention(
     period_days: int = DEFAULT_PERIOD_DAYS,
     *,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> dict[str, str | int]:
     """Record the retention deadline in the current manifest; returns the record."""
     if period_days < 0:
         raise ValueError("period_days must be >= 0")
-    path = Path(manifest_path)
-    manifest = Manifest.load(path)
-    check_not_revoked(manifest)
     deadline = last_publication + dt.timedelta(days=period_days)
     record = {
         "last_publication": last_publication.isoformat(),
         "period_days": period_days,
         "deadline": deadline.isoformat(),
     }
-    manifest.extra["retention"] = record
-    audit.save_and_record(manifest, path, "retention set", audit_log, **record)
+    path = Path(manifest_path)
+    with dataset_lock(path, wait=lock_wait, operation="retention set"):
+        manifest = Manifest.load(path)
+        check_not_revoked(manifest)
+        manifest.extra["retention"] = record
+        audit.save_and_record(manifest, path, "retention set", audit_log, **record)
     return record
 
 
@@ -115,10 +119,17 @@ def purge(
     today: dt.date | None = None,
     yes: bool = False,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> PurgeResult:
-    """Delete the shards of a dataset past its deadline (dry run unless ``yes``)."""
-    today = today or dt.date.today()
+    """Delete the shards of a dataset past its deadline (dry run unless ``yes``; only a real
+    purge takes the dataset's lock)."""
     path = Path(manifest_path)
+    lock = dataset_lock(path, wait=lock_wait, operation="retention purge")
+    with lock if yes else contextlib.nullcontext():
+        return _purge(path, today or dt.date.today(), yes, audit_log)
+
+
+def _purge(path: Path, today: dt.date, yes: bool, audit_log: str | Path | None) -> PurgeResult:
     manifest = Manifest.load(path)
     st = status(manifest, today)
     if st.state not in ("past", "purged"):

@@ -38,6 +38,7 @@ from typing import Any
 
 from foundation.atomic import write_json_atomic
 from foundation.governance import audit
+from foundation.governance.dataset_lock import dataset_lock
 from foundation.governance.redact import (
     JOURNAL_SUFFIX,
     iter_manifests,
@@ -126,12 +127,17 @@ def pending(manifest_path: str | Path) -> Journal | None:
 
 
 def start(manifest_path: str | Path, journal: Journal) -> None:
-    """Record a new operation (nothing else changes); refuses if one is pending."""
+    """Record a new operation (nothing else changes); refuses if one is pending.
+
+    Callers hold the dataset's lock from reading the version the journal starts from until
+    ``run`` has published the next one (taken here too, for a caller that did not).
+    """
     if journal.op not in OPS:
         raise RewriteError(f"unknown operation {journal.op!r}")
-    if pending(manifest_path) is not None:
-        raise RewriteError(f"{journal_path(manifest_path)}: an operation is pending; re-run it")
-    journal.save(Path(manifest_path))
+    with dataset_lock(manifest_path, operation=journal.op):
+        if pending(manifest_path) is not None:
+            raise RewriteError(f"{journal_path(manifest_path)}: an operation is pending; re-run it")
+        journal.save(Path(manifest_path))
 
 
 def sample_transform(op: str, params: dict[str, Any]) -> Callable[[Sample], Sample | None]:
@@ -349,9 +355,16 @@ def _cleanup(j: Journal, path: Path) -> None:
         redact_ledgers({p.parent.parent for p in deleted} | {shard_dir.parent}, patients, keys)
 
 
-def run(manifest_path: str | Path, *, audit_log: str | Path | None = None) -> RewriteResult:
-    """Carry the pending operation of ``manifest_path`` to its end, from whatever phase."""
-    path = Path(manifest_path)
+def run(
+    manifest_path: str | Path, *, audit_log: str | Path | None = None, lock_wait: float = 0.0
+) -> RewriteResult:
+    """Carry the pending operation of ``manifest_path`` to its end, from whatever phase, under
+    the dataset's lock (``DatasetLockedError`` if another writer holds it past ``lock_wait`` s)."""
+    with dataset_lock(manifest_path, wait=lock_wait, operation="rewrite"):
+        return _run(Path(manifest_path), audit_log)
+
+
+def _run(path: Path, audit_log: str | Path | None) -> RewriteResult:
     j = pending(path)
     if j is None:
         raise RewriteError(f"{path}: no pending operation")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from foundation.governance import audit, redact, rewrite
+from foundation.governance.dataset_lock import dataset_lock
 from foundation.governance.erase import check_not_revoked
 from foundation.governance.merge import manifest_key_ids, shard_key_id
 from foundation.privacy.pseudonym import PseudonymKey
@@ -302,9 +303,18 @@ def rectify(
     key: PseudonymKey,
     *,
     audit_log: str | Path | None = None,
+    lock_wait: float = 0.0,
 ) -> tuple[rewrite.RewriteResult | None, list[tuple[int, str]]]:
-    """Apply the CSV's corrections as a new dataset version; returns (result, bad rows)."""
-    path = Path(manifest_path)
+    """Apply the CSV's corrections as a new dataset version; returns (result, bad rows).
+
+    Holds the dataset's lock throughout (``DatasetLockedError`` past ``lock_wait`` seconds)."""
+    with dataset_lock(manifest_path, wait=lock_wait, operation="subject rectify"):
+        return _rectify(Path(manifest_path), csv_path, key, audit_log)
+
+
+def _rectify(
+    path: Path, csv_path: str | Path, key: PseudonymKey, audit_log: str | Path | None
+) -> tuple[rewrite.RewriteResult | None, list[tuple[int, str]]]:
     log = Path(audit_log) if audit_log is not None else audit.default_log_path(path)
     if rewrite.pending(path) is not None:
         rewrite.run(path, audit_log=log)
