@@ -80,9 +80,11 @@ class Demo:
 
     def key(self) -> None:
         # Derived from the seed so that a demo run is reproducible (same cohort, pseudonyms,
-        # shards, held-out patients and data order). The training figures still vary a little
-        # between runs: CPU kernels are not bit-deterministic (the losses differ in the 4th
-        # decimal from the first steps) and the tiny model's retrieval hinges on near-ties.
+        # shards, held-out patients and data order). The training figures still vary between
+        # runs: the `tokenizers` WordPiece trainer is not deterministic (hash-map order,
+        # huggingface/tokenizers#1794; two runs on the same reports gave vocabularies that differ
+        # in 10 of 769 tokens), so the text tower reads other ids. On a kept tokenizer the
+        # pretraining itself repeats exactly (two 30-step runs: identical losses).
         # Never do this with real data: a real key is random (`generate_key_file`) and kept
         # outside every output.
         secret = hashlib.sha256(f"foundation-demo-key:{self.seed}".encode()).hexdigest()
