@@ -59,6 +59,12 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="dataset name (default: from config)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: from config)")
     p.add_argument("--part", default="0/1", help="i/N: ingest part i of N (SLURM arrays)")
+    p.add_argument(
+        "--exclusion-list",
+        default=None,
+        help="exclusion list (opt-outs, erasures): its patients are never ingested; pass it "
+        "to every re-ingest",
+    )
     _add_key_option(p)
     p.set_defaults(handler=_run_ingest)
 
@@ -84,12 +90,14 @@ def _run_ingest(args: argparse.Namespace) -> int:
         reports_csv=Path(args.reports) if args.reports else None,
         config=config,
         key_file=Path(args.key_file) if args.key_file else None,
+        exclusion_list=args.exclusion_list,
     )
     rows = [("samples", str(result.samples)), ("series seen", str(result.series_seen))]
     rows += [(f"modality {m}", str(n)) for m, n in sorted(result.by_modality.items())]
     rows += [(f"skipped: {r}", str(n)) for r, n in sorted(result.skipped.items())]
     rows += [
         ("studies without report", str(result.studies_without_report)),
+        ("exclusion list", result.exclusion_version or "none"),
         ("seconds", f"{result.seconds:.1f}"),
         ("manifest", str(result.manifest_path)),
     ]

@@ -1,7 +1,7 @@
 """The ingest: a PACS export in, pseudonymised and preprocessed samples in shards out.
 
 Stages, in order: find files by content -> scan headers into series -> keep this part's
-studies -> (in a process pool) read the series, preprocess it, build its allow-listed meta and
+studies -> leave out the exclusion list's patients (``exclude.py``) -> (in a process pool) read the series, preprocess it, build its allow-listed meta and
 scrub its report -> write shards -> ledger -> manifest. Everything not ingested is skipped with
 a reason and counted; nothing raises out of the loop for one bad file.
 
@@ -20,7 +20,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,14 @@ from pathlib import Path
 import pydicom
 
 from foundation.ingest.discover import SeriesRef, find_dicom_files, scan_series
-from foundation.ingest.nifti import find_nifti_files
+from foundation.ingest.exclude import check_resumed, load_for_ingest, split_excluded
+from foundation.ingest.nifti import find_nifti_files, sidecar_dataset, sidecar_path
 from foundation.ingest.preprocess import PreprocessConfig
 from foundation.ingest.reports import ReportTable
 from foundation.ingest.series_to_sample import SeriesTask, WorkerContext, process_series
+from foundation.ingest.skip import EXCLUDED, quiet_reading
 from foundation.ingest.volume import Skip
+from foundation.privacy.deid import patient_pseudonym
 from foundation.privacy.pseudonym import PseudonymKey, load_key
 from foundation.progress import progress_bar
 from foundation.shards.manifest import Manifest, ShardRecord
@@ -73,6 +76,7 @@ class IngestResult:
     studies_without_report: int = 0
     seconds: float = 0.0
     manifest_path: Path | None = None
+    exclusion_version: str | None = None  # the exclusion list applied (None: no list given)
 
     def to_dict(self) -> dict:
         return {
@@ -84,6 +88,7 @@ class IngestResult:
             "studies_without_report": self.studies_without_report,
             "seconds": round(self.seconds, 2),
             "manifest": str(self.manifest_path) if self.manifest_path else None,
+            "exclusion_version": self.exclusion_version,
         }
 
 
@@ -105,23 +110,28 @@ def in_part(key: PseudonymKey, study_uid: str, part: tuple[int, int]) -> bool:
 
 
 def _nifti_identifiers(path: Path) -> dict:
-    """The sidecar of a NIfTI file (DICOM keywords); empty when absent (then skipped later)."""
-    sidecar = path.with_name(path.name.split(".")[0] + ".json")
+    """The sidecar of a NIfTI file (DICOM keywords), the one ``load_nifti`` reads; empty when
+    absent or not an object (then skipped later)."""
     try:
-        return json.loads(sidecar.read_text(encoding="utf-8"))
+        fields = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return fields if isinstance(fields, dict) else {}
 
 
-def _accession(ref: SeriesRef) -> str | None:
-    """The accession number of a series, read from its first header (memory only)."""
+def _header_ids(ref: SeriesRef, key: PseudonymKey) -> tuple[str | None, str | None]:
+    """``(accession number, patient pseudonym)`` of a series from its first header, read
+    without pixels (memory only); ``None`` for what is absent or unreadable."""
     try:
-        ds = pydicom.dcmread(
-            ref.files[0], stop_before_pixels=True, specific_tags=["AccessionNumber"]
-        )
-        return str(ds.get("AccessionNumber", "")).strip() or None
+        with quiet_reading():
+            ds = pydicom.dcmread(
+                ref.files[0],
+                stop_before_pixels=True,
+                specific_tags=["AccessionNumber", "PatientID"],
+            )
+        return str(ds.get("AccessionNumber", "")).strip() or None, patient_pseudonym(ds, key)
     except Exception:  # unreadable now: the worker will skip it with a reason
-        return None
+        return None, None
 
 
 def _tasks(
@@ -140,12 +150,14 @@ def _tasks(
     by_study: dict[str, list[tuple[str, SeriesTask]]] = {}
     for ref in series:
         ident = key.pseudonym("series", f"{ref.series_uid}/{_split_tag(ref)}")
+        accession, patient = _header_ids(ref, key)
         task = SeriesTask(
             task_id=ident,
             series_index=-1,
             source=ref.files[0],
             dicom=ref,
-            report=reports.get(_accession(ref)),
+            report=reports.get(accession),
+            patient=patient,
         )
         by_study.setdefault(ref.study_uid, []).append((ident, task))
     for path in nifti:
@@ -158,6 +170,7 @@ def _tasks(
             source=path,
             nifti=path,
             report=reports.get(ids.get("AccessionNumber")),
+            patient=patient_pseudonym(sidecar_dataset(ids), key),
         )
         by_study.setdefault(study, []).append((ident, task))
     tasks: list[SeriesTask] = []
@@ -207,10 +220,16 @@ def run_ingest(
     reports_csv: Path | None = None,
     config: IngestConfig | None = None,
     key_file: Path | None = None,
+    exclusion_list: str | os.PathLike | None = None,
 ) -> IngestResult:
-    """Ingest ``input_dir`` into shards and a manifest under ``out_dir`` (see module doc)."""
+    """Ingest ``input_dir`` into shards and a manifest under ``out_dir`` (see module doc).
+
+    ``exclusion_list``: the patients' opposition/erasure list; their series are left out
+    before they are read (counted as ``excluded``) and its version goes in the manifest.
+    """
     config = config or IngestConfig()
     key = load_key(key_file)  # no key, no run: fails before anything is read
+    exclusion = load_for_ingest(exclusion_list, key)  # nor with a list that cannot be read
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_dir = out_dir / "shards"
@@ -231,8 +250,10 @@ def run_ingest(
     result.series_seen = len(tasks)
 
     groups, done = _read_ledger(ledger_path)
+    check_resumed(ledger_path, (r["patients"] for g in groups for r in g["shards"]), exclusion)
     _remove_partial_shards(shard_dir)
-    todo = [t for t in tasks if t.task_id not in done]
+    todo, n_excluded = split_excluded([t for t in tasks if t.task_id not in done], exclusion)
+    excluded = exclusion.pseudonyms if exclusion is not None else frozenset()
     ctx = WorkerContext(key_file=str(key_file) if key_file else None, preprocess=config.preprocess)
     next_index = groups[-1]["next_index"] if groups else 0
     prefix = f"{config.dataset}-{tag}" if tag else config.dataset
@@ -246,7 +267,9 @@ def run_ingest(
         run = _mapper(pool, ctx)
         with progress_bar("ingest", total=len(todo)) as advance:
             for chunk in _chunks(todo, config.shard_max_samples):
-                entry = _write_group(chunk, run, config, shard_dir, prefix, next_index, advance)
+                entry = _write_group(
+                    chunk, run, config, shard_dir, prefix, next_index, advance, excluded
+                )
                 next_index = entry["next_index"]
                 _append_ledger(ledger_path, entry)
                 groups.append(entry)
@@ -262,11 +285,15 @@ def run_ingest(
         result.by_modality.update(g["by_modality"])
         result.skipped.update(g["skipped"])
         no_report.update(g["without_report"])
+    if n_excluded:  # recounted by every run: excluded series never enter the ledger
+        result.skipped[EXCLUDED] += n_excluded
     result.studies_without_report = len(no_report)
+    result.exclusion_version = exclusion.version if exclusion is not None else None
     manifest = Manifest(
         dataset=config.dataset,
         key_id=key.key_id,
         preprocessing=config.preprocess.to_dict(),
+        exclusion_version=result.exclusion_version,
         shards=[ShardRecord(**r) for g in groups for r in g["shards"]],
         shard_root=os.path.relpath(shard_dir, out_dir / "data_manifests"),
     )
@@ -302,8 +329,13 @@ def _write_group(
     prefix: str,
     start_index: int,
     advance,
+    excluded: Set[str] = frozenset(),
 ) -> dict:
-    """Process and write one group of series; returns its ledger entry."""
+    """Process and write one group of series; returns its ledger entry.
+
+    ``excluded``: a last guard, for a series whose first header named no listed patient but
+    whose read header does: it is counted as excluded and not written (nor logged by path).
+    """
     by_modality: Counter = Counter()
     skipped: Counter = Counter()
     without_report: set[str] = set()  # study pseudonyms
@@ -321,6 +353,9 @@ def _write_group(
             if isinstance(outcome, Skip):
                 skipped[outcome.reason] += 1
                 log.info("skipped %s: %s", outcome.path, outcome.reason)
+                continue
+            if outcome.meta["patient"] in excluded:
+                skipped[EXCLUDED] += 1
                 continue
             writer.write(outcome)
             samples += 1

@@ -9,7 +9,7 @@ only, because an exception message may quote a header value.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from foundation.ingest.dicom import load_series
@@ -35,6 +35,9 @@ class SeriesTask:
     dicom: SeriesRef | None = None
     nifti: Path | None = None
     report: str | None = None  # raw report text of the study, scrubbed in process_series
+    # keyed patient pseudonym from a header-only read (None without PatientID): what ingest
+    # checks against the exclusion list before the series is read
+    patient: str | None = field(default=None, repr=False)
 
 
 @dataclass

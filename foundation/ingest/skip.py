@@ -44,6 +44,7 @@ UNREADABLE = "unreadable"  # not parseable, truncated, pixel decode failed
 NIFTI_WITHOUT_SIDECAR = "nifti_without_sidecar"
 NOT_DICOM = "not_dicom"
 DUPLICATE_INSTANCE = "duplicate_instance"  # same SOPInstanceUID as a file already scanned
+EXCLUDED = "excluded"  # patient in the exclusion list (opposition/erasure): never read further
 
 __all__ = [
     "DEFAULT_POLICY",

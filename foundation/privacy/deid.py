@@ -211,6 +211,15 @@ def _acquisition(header: pydicom.Dataset, names: set[str]) -> dict[str, Any]:
     return acq
 
 
+def patient_pseudonym(header: pydicom.Dataset, key: PseudonymKey) -> str | None:
+    """The patient pseudonym ``pseudonymised_meta`` gives this header; None without PatientID.
+
+    Ingest checks it against the exclusion list on a header-only read, before any pixel.
+    """
+    patient_id = _text(header, "PatientID")
+    return key.patient(patient_id) if patient_id else None
+
+
 def pseudonymised_meta(header: pydicom.Dataset, key: PseudonymKey) -> dict[str, Any]:
     """The allow-listed ``Sample.meta`` fields of a series header.
 
