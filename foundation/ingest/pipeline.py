@@ -1,8 +1,9 @@
 """The ingest: a PACS export in, pseudonymised and preprocessed samples in shards out.
 
 Stages, in order: find files by content -> scan headers into series -> keep this part's
-studies -> leave out the exclusion list's patients (``exclude.py``) -> (in a process pool) read the series, preprocess it, build its allow-listed meta and
-scrub its report -> write shards -> ledger -> manifest. Everything not ingested is skipped with
+studies -> leave out the exclusion list's patients (``exclude.py``) -> (in a process pool)
+read the series, preprocess it, build its allow-listed meta and scrub its report -> write
+shards -> ledger -> manifest. Everything not ingested is skipped with
 a reason and counted; nothing raises out of the loop for one bad file.
 
 Resumable: series are written in groups, and a group enters the ledger only once its shards
