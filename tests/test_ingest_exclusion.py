@@ -94,6 +94,18 @@ def _by_key(manifest: Path) -> dict[str, tuple]:
     }
 
 
+def _ingest_listed(ingested, listed, out: Path):
+    """The session cohort ingested again into ``out`` with ``listed``'s exclusion list."""
+    return run_ingest(
+        ingested.cohort.export_dir,
+        out,
+        reports_csv=ingested.cohort.reports_csv,
+        config=demo_ingest_config(),
+        key_file=ingested.key_file,
+        exclusion_list=listed.list_path,
+    )
+
+
 def test_listed_patient_is_absent_and_the_others_unchanged(ingested, excluded_run):
     listed, _, summary, _ = excluded_run
     manifest = Manifest.load(summary["manifest"])
@@ -126,14 +138,7 @@ def test_listed_series_are_never_read(ingested, tmp_path, monkeypatch):
         return real(task, ctx)
 
     monkeypatch.setattr(pipeline, "process_series", recording)
-    res = run_ingest(
-        ingested.cohort.export_dir,
-        tmp_path / "out",
-        reports_csv=ingested.cohort.reports_csv,
-        config=demo_ingest_config(),
-        key_file=ingested.key_file,
-        exclusion_list=listed.list_path,
-    )
+    res = _ingest_listed(ingested, listed, tmp_path / "out")
     assert len(read) == res.series_seen - listed.series
     assert listed.pseudonym not in read and None not in read  # every series had its patient
 
@@ -167,14 +172,7 @@ def test_guard_drops_a_listed_patient_the_header_check_missed(ingested, tmp_path
     real = pipeline._header_ids
     # the first header names nobody: only the guard on the pseudonymised sample can catch it
     monkeypatch.setattr(pipeline, "_header_ids", lambda ref, key: (real(ref, key)[0], None))
-    res = run_ingest(
-        ingested.cohort.export_dir,
-        tmp_path / "out",
-        reports_csv=ingested.cohort.reports_csv,
-        config=demo_ingest_config(),
-        key_file=ingested.key_file,
-        exclusion_list=listed.list_path,
-    )
+    res = _ingest_listed(ingested, listed, tmp_path / "out")
     assert res.skipped["excluded"] == listed.series
     # the guard's counts enter the ledger (the header check's do not): it did the work
     ledger = [json.loads(x) for x in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
