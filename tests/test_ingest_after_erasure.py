@@ -18,6 +18,7 @@ from foundation.cli import main
 from foundation.governance import retention
 from foundation.governance.dataset_lock import DatasetLockedError
 from foundation.governance.erase import apply_erasure
+from foundation.governance.merge import merge
 from foundation.ingest import pipeline
 from foundation.ingest.pipeline import run_ingest
 from foundation.ingest.publish import GovernedDatasetError
@@ -101,6 +102,37 @@ def test_cli_reingest_into_an_erased_folder_is_refused(ingested, erased):
     with pytest.raises(GovernedDatasetError):
         main(_argv(ingested, root, "--exclusion-list", str(listed.list_path)))
     _assert_erasure_stands(listed, manifest)
+
+
+def _ingest_part(ingested, out: Path, part: int, list_path: Path | None = None) -> Path:
+    config = demo_ingest_config(shard_max_samples=4, part=(part, 2))
+    res = run_ingest(
+        ingested.cohort.export_dir,
+        out,
+        reports_csv=ingested.cohort.reports_csv,
+        config=config,
+        key_file=ingested.key_file,
+        exclusion_list=list_path,
+    )
+    return res.manifest_path
+
+
+def test_new_studies_into_a_new_folder_then_merge(ingested, tmp_path):
+    # what the refusal advises: the studies of one part were ingested and a patient erased;
+    # the other part's studies arrive later, go to a new folder, and the two are merged
+    listed = _listed(ingested, tmp_path)
+    first = [_ingest_part(ingested, tmp_path / f"first{i}", i) for i in range(2)]
+    old = next(i for i in range(2) if listed.pseudonym in Manifest.load(first[i]).patients())
+    assert apply_erasure(first[old], [listed.exclusion]).version == 2
+    with pytest.raises(GovernedDatasetError):  # a part's manifest is guarded like any other
+        _ingest_part(ingested, first[old].parent.parent, old, listed.list_path)
+    new = _ingest_part(ingested, tmp_path / "new", 1 - old, listed.list_path)
+    merged = merge([first[old], new], tmp_path / "all" / "data_manifests" / "all.json")
+    assert verify_manifest(merged).ok
+    assert listed.pseudonym not in merged.patients()
+    whole = Manifest.load(ingested.result.manifest_path)
+    erased = sum(r.patients.get(listed.pseudonym, 0) for r in whole.shards)
+    assert merged.num_samples == whole.num_samples - erased
 
 
 def test_manifest_marked_by_another_writer_is_not_overwritten(ingested, tmp_path):
