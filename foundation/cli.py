@@ -65,6 +65,14 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
         help="exclusion list (opt-outs, erasures): its patients are never ingested; pass it "
         "to every re-ingest",
     )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another writer (erasure, rewrite) holds the dataset's lock, wait up to this long"
+        " (default: fail at once, exit status 75)",
+    )
     _add_key_option(p)
     p.set_defaults(handler=_run_ingest)
 
@@ -72,6 +80,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
 def _run_ingest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from foundation.governance.cli import EXIT_LOCKED
+    from foundation.governance.dataset_lock import DatasetLockedError
     from foundation.ingest.config import load_ingest_config
     from foundation.ingest.pipeline import parse_part, run_ingest
     from foundation.progress import print_summary
@@ -84,14 +94,19 @@ def _run_ingest(args: argparse.Namespace) -> int:
     config.report_id_column = args.report_id_column
     config.report_text_column = args.report_text_column
     config.part = parse_part(args.part)
-    result = run_ingest(
-        Path(args.input),
-        Path(args.out),
-        reports_csv=Path(args.reports) if args.reports else None,
-        config=config,
-        key_file=Path(args.key_file) if args.key_file else None,
-        exclusion_list=args.exclusion_list,
-    )
+    try:
+        result = run_ingest(
+            Path(args.input),
+            Path(args.out),
+            reports_csv=Path(args.reports) if args.reports else None,
+            config=config,
+            key_file=Path(args.key_file) if args.key_file else None,
+            exclusion_list=args.exclusion_list,
+            lock_wait=args.wait,
+        )
+    except DatasetLockedError as e:  # as the governance writers: one line, retry later
+        print(f"foundation: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     rows = [("samples", str(result.samples)), ("series seen", str(result.series_seen))]
     rows += [(f"modality {m}", str(n)) for m, n in sorted(result.by_modality.items())]
     rows += [(f"skipped: {r}", str(n)) for r, n in sorted(result.skipped.items())]

@@ -9,7 +9,9 @@ a reason and counted; nothing raises out of the loop for one bad file.
 Resumable: series are written in groups, and a group enters the ledger only once its shards
 are complete and renamed, so a killed ingest re-run skips the groups it already finished and
 rewrites only the one it was in. Parts (``--part i/N``) split the export by study, keyed, so
-that N parts together hold exactly the samples one run would.
+that N parts together hold exactly the samples one run would. A run holds the dataset's lock,
+and never resumes into a dataset that an erasure (or another governance command) has changed
+since: its ledger no longer describes it (``publish.py``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from foundation.ingest.discover import SeriesRef, find_dicom_files, scan_series
 from foundation.ingest.exclude import check_resumed, load_for_ingest, split_excluded
 from foundation.ingest.nifti import find_nifti_files, sidecar_dataset, sidecar_path
 from foundation.ingest.preprocess import PreprocessConfig
+from foundation.ingest.publish import manifest_path, publishing
 from foundation.ingest.reports import ReportTable
 from foundation.ingest.series_to_sample import SeriesTask, WorkerContext, process_series
 from foundation.ingest.skip import EXCLUDED, quiet_reading
 from foundation.ingest.volume import Skip
 from foundation.privacy.deid import patient_pseudonym
+from foundation.privacy.exclusion import ExclusionList
 from foundation.privacy.pseudonym import PseudonymKey, load_key
 from foundation.progress import progress_bar
 from foundation.shards.manifest import Manifest, ShardRecord
@@ -222,17 +226,37 @@ def run_ingest(
     config: IngestConfig | None = None,
     key_file: Path | None = None,
     exclusion_list: str | os.PathLike | None = None,
+    lock_wait: float = 0.0,
 ) -> IngestResult:
     """Ingest ``input_dir`` into shards and a manifest under ``out_dir`` (see module doc).
 
     ``exclusion_list``: the patients' opposition/erasure list; their series are left out
     before they are read (counted as ``excluded``) and its version goes in the manifest.
+    The dataset's lock is held throughout (``DatasetLockedError`` if another writer holds it
+    past ``lock_wait`` seconds), and a folder whose dataset governance has changed since its
+    ingest (an erasure...) is refused (``GovernedDatasetError``, see ``publish.py``).
     """
     config = config or IngestConfig()
     key = load_key(key_file)  # no key, no run: fails before anything is read
     exclusion = load_for_ingest(exclusion_list, key)  # nor with a list that cannot be read
-    t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = manifest_path(out_dir, config.dataset, config.part_tag)
+    with publishing(path, wait=lock_wait):
+        return _ingest(input_dir, out_dir, path, reports_csv, config, key, key_file, exclusion)
+
+
+def _ingest(
+    input_dir: Path,
+    out_dir: Path,
+    path: Path,
+    reports_csv: Path | None,
+    config: IngestConfig,
+    key: PseudonymKey,
+    key_file: Path | None,
+    exclusion: ExclusionList | None,
+) -> IngestResult:
+    """``run_ingest`` under the dataset's lock: ``path`` is the manifest it publishes."""
+    t0 = time.perf_counter()
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(exist_ok=True)
     tag = config.part_tag
@@ -296,11 +320,10 @@ def run_ingest(
         preprocessing=config.preprocess.to_dict(),
         exclusion_version=result.exclusion_version,
         shards=[ShardRecord(**r) for g in groups for r in g["shards"]],
-        shard_root=os.path.relpath(shard_dir, out_dir / "data_manifests"),
+        shard_root=os.path.relpath(shard_dir, path.parent),
     )
-    name = f"{config.dataset}.{tag}.json" if tag else f"{config.dataset}.json"
-    result.manifest_path = out_dir / "data_manifests" / name
-    manifest.save(result.manifest_path)
+    result.manifest_path = path
+    manifest.save(path)
     result.seconds = time.perf_counter() - t0
     (out_dir / (f"ingest_summary.{tag}.json" if tag else "ingest_summary.json")).write_text(
         json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"
