@@ -100,6 +100,10 @@ FALLBACK: dict[str, dict[str, str]] = {
         "max_steps": "length of the cosine schedule (set equal to trainer.max_steps)",
         "min_lr_ratio": "final learning rate as a share of lr",
         "betas": "AdamW betas",
+        "proj_norm": "'batchnorm': standardise pooled features before the projections "
+        "(SimCLR/MoCo v3 heads); leaves the modality-only plateau on small cohorts",
+        "contrastive_masked": "contrastive loss on the masked pass (FLIP); false: on its own "
+        "unmasked pass (costlier; small 2D grids)",
         "ema": "keep an EMA of the vision encoder and projection",
         "ema_decay": "EMA decay per optimiser step",
         "compile": "torch.compile each transformer block",
@@ -136,6 +140,8 @@ FALLBACK: dict[str, dict[str, str]] = {
         "num_workers": "data-loader processes per GPU",
         "crop_size_3d": "training crop of volumes (X, Y, Z), multiple of patch_size_3d",
         "crop_size_2d": "training size of 2D images (H, W), multiple of patch_size_2d",
+        "crop_min_scale_2d": "smallest area share of a random 2D crop (1.0: the whole image, "
+        "for findings such as heart size that need both edges of the chest)",
         "ratio_3d": "share of 3D steps (None: in proportion to the data)",
         "crops_per_volume": "random crops taken from each decoded volume",
         "multi_window": "stack every CT window as a channel (set vision.in_channels to match)",

@@ -99,6 +99,7 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 2,
         crop_size_3d: tuple[int, int, int] = (96, 96, 96),
         crop_size_2d: tuple[int, int] = (224, 224),
+        crop_min_scale_2d: float = 0.4,
         ratio_3d: float | None = None,
         crops_per_volume: int = 1,
         multi_window: bool = False,
@@ -121,6 +122,9 @@ class ShardDataModule(L.LightningDataModule):
         self.exclusion_list = exclusion_list
         self.batch_size, self.num_workers = batch_size, num_workers
         self.crop_size_3d, self.crop_size_2d = tuple(crop_size_3d), tuple(crop_size_2d)
+        if not 0.0 < crop_min_scale_2d <= 1.0:
+            raise ValueError(f"crop_min_scale_2d must be in (0, 1], got {crop_min_scale_2d}")
+        self.crop_min_scale_2d = crop_min_scale_2d
         self.ratio_3d, self.crops_per_volume, self.multi_window = (
             ratio_3d,
             crops_per_volume,
@@ -217,6 +221,7 @@ class ShardDataModule(L.LightningDataModule):
                 ct_windows=windows,
                 multi_window=self.multi_window,
                 flips=self.flips,
+                min_scale_2d=self.crop_min_scale_2d,
             )
         else:
             t3 = eval_transform(

@@ -213,6 +213,7 @@ def train_transform(
     multi_window: bool = False,
     flips: bool = True,
     crops_per_volume: int = 1,
+    min_scale_2d: float = 0.4,
 ) -> Callable[[np.ndarray, dict], list[torch.Tensor]]:
     """Training augmentation (see ``TrainTransform``)."""
     return TrainTransform(
@@ -222,6 +223,7 @@ def train_transform(
         multi_window=multi_window,
         flips=flips,
         crops_per_volume=crops_per_volume,
+        min_scale_2d=min_scale_2d,
     )
 
 
