@@ -69,8 +69,8 @@ def projection(in_dim: int, out_dim: int, norm: str = "none") -> nn.Module:
     initialisation every image's pooled features share one large common component, so after the
     projection and the L2 norm the embeddings of one modality are nearly identical; the InfoNCE
     gradient that tells them apart is then tiny and training sits on the "modality only"
-    plateau. Standardising removes that common part. Measured on the synthetic cohort (120 and
-    400 patients, CPU): see ``docs/researchers.md``.
+    plateau. Standardising removes that common part (measurements: ``docs/researchers.md``,
+    "modality plateau").
     """
     if norm == "none":
         return nn.Linear(in_dim, out_dim, bias=False)
