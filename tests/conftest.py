@@ -41,6 +41,20 @@ def demo_ingest_config(**overrides):
     return config
 
 
+def ingest_argv(ingested, out: Path, *extra: str) -> list[str]:
+    """``foundation ingest`` arguments for an ``ingested`` cohort (export, reports, key) into
+    ``out`` with the demo's ingest config, then ``extra``."""
+    return [
+        "ingest",
+        "--input", str(ingested.cohort.export_dir),
+        "--reports", str(ingested.cohort.reports_csv),
+        "--out", str(out),
+        "--config", str(REPO / "configs" / "ingest" / "demo.yaml"),
+        "--key-file", str(ingested.key_file),
+        *extra,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """Six synthetic patients (CT, X-ray, MR, NIfTI, compressed series, planted identifiers)."""

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO, demo_ingest_config
+from conftest import demo_ingest_config, ingest_argv
 from test_dataset_lock import held_by_thread, snapshot
 from test_ingest_exclusion import _listed
 
@@ -24,18 +24,6 @@ from foundation.ingest.pipeline import run_ingest
 from foundation.ingest.publish import GovernedDatasetError
 from foundation.shards.manifest import Manifest
 from foundation.shards.verify import verify_manifest
-
-
-def _argv(ingested, out: Path, *extra: str) -> list[str]:
-    return [
-        "ingest",
-        "--input", str(ingested.cohort.export_dir),
-        "--reports", str(ingested.cohort.reports_csv),
-        "--out", str(out),
-        "--config", str(REPO / "configs" / "ingest" / "demo.yaml"),
-        "--key-file", str(ingested.key_file),
-        *extra,
-    ]  # fmt: skip
 
 
 def _reingest(ingested, out: Path, list_path: Path | None = None):
@@ -100,7 +88,7 @@ def test_cli_reingest_into_an_erased_folder_is_refused(ingested, erased):
     listed, manifest = erased
     root = manifest.parent.parent
     with pytest.raises(GovernedDatasetError):
-        main(_argv(ingested, root, "--exclusion-list", str(listed.list_path)))
+        main(ingest_argv(ingested, root, "--exclusion-list", str(listed.list_path)))
     _assert_erasure_stands(listed, manifest)
 
 
@@ -173,11 +161,11 @@ def test_ingest_is_refused_while_another_writer_holds_the_lock(ingested, tmp_pat
         with pytest.raises(DatasetLockedError, match=str(manifest)):
             _reingest(ingested, root)
         assert snapshot(root) == before
-        assert main(_argv(ingested, root)) == 75
+        assert main(ingest_argv(ingested, root)) == 75
         assert str(manifest) in capsys.readouterr().err
-        assert main(_argv(ingested, root, "--wait", "0.1")) == 75
+        assert main(ingest_argv(ingested, root, "--wait", "0.1")) == 75
         assert snapshot(root) == before
-    assert main(_argv(ingested, root)) == 0  # free again: the same command goes through
+    assert main(ingest_argv(ingested, root)) == 0  # free again: the same command goes through
 
 
 def test_first_ingest_takes_the_lock_too(ingested, tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, demo_ingest_config, write_test_key
+from conftest import demo_ingest_config, ingest_argv, write_test_key
 
 from foundation.cli import main
 from foundation.ingest import pipeline
@@ -68,17 +68,7 @@ def excluded_run(ingested, tmp_path_factory):
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     try:
-        rc = main(
-            [
-                "ingest",
-                "--input", str(ingested.cohort.export_dir),
-                "--reports", str(ingested.cohort.reports_csv),
-                "--out", str(out),
-                "--config", str(REPO / "configs" / "ingest" / "demo.yaml"),
-                "--key-file", str(ingested.key_file),
-                "--exclusion-list", str(listed.list_path),
-            ]
-        )  # fmt: skip
+        rc = main(ingest_argv(ingested, out, "--exclusion-list", str(listed.list_path)))
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
