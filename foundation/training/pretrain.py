@@ -4,8 +4,8 @@ Why this shape: a single masked encoder pass feeds both objectives (FLIP): the C
 the kept patches goes to the contrastive loss against the report, the kept tokens go to a light
 MAE decoder that reconstructs the dropped patches. Total loss
 ``w_contrastive * L_contrastive + w_mim * L_mim``. ``contrastive_masked=False`` gives the
-contrastive loss its own unmasked pass instead (about 1 + 1 / (1 - mask_ratio) times the
-encoder cost): on small grids (a 2D image of 8x8 patches) a masked view can drop the very
+contrastive loss its own unmasked pass instead (the encoder then costs 1 + 1 / (1 - mask_ratio)
+times the masked pass alone): on small grids (a 2D image of 8x8 patches) a masked view can drop the very
 patches a report describes.
 
 Batch contract (see the brief / ``foundation.data``): a dict with ``image`` float32
@@ -198,6 +198,8 @@ class PretrainModule(L.LightningModule):
         """``loss`` (weighted total), ``loss_contrastive``, ``loss_mim`` (when masked), and the
         detached embeddings ``_img``/``_txt``; usable outside a Trainer (benchmarks)."""
         image, modality = batch["image"], batch["modality"]
+        if not self.hparams.contrastive_masked and self.decoder is None:
+            mask_ratio = 0.0  # no MIM decoder to read a masked pass: one unmasked pass only
         gen = self._mask_generator(image.device, batch_idx) if mask_ratio > 0 else None
         out = self.vision(image, modality, mask_ratio=mask_ratio, generator=gen)
         # FLIP: the masked pass also feeds the contrastive loss; else a second, unmasked pass
