@@ -142,7 +142,7 @@ def _acquire(manifest: Path, wait: float, operation: str) -> None:
             if time.monotonic() >= deadline:
                 waited = f" after waiting {wait:g} s" if wait > 0 else ""
                 raise DatasetLockedError(
-                    f"{manifest}: another erasure or rewrite of this dataset holds its lock"
+                    f"{manifest}: another writer holds this dataset's lock"
                     f" ({holder(manifest)}){waited}; retry when it has finished"
                     " (or wait for it: --wait SECONDS)"
                 )
