@@ -81,7 +81,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     imp = optout.choices.get("import")
     if imp is not None and imp.get_default("handler") is not None:
         imp.add_argument("--audit-log", default=None, help="audit log (default: next to --list)")
-        imp.set_defaults(handler=_audited_import(imp.get_default("handler")))
+        imp.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="if another import into this list holds its lock, wait up to this long"
+            " (default: fail at once)",
+        )
+        imp.set_defaults(handler=_locked(_audited_import(imp.get_default("handler"))))
 
     subject = _group(sub, "subject", "data-subject access and rectification (art. 15, 16)")
     p = subject.add_parser("show", help="what the dataset holds for one person")
@@ -195,13 +203,19 @@ def _keys(args: argparse.Namespace) -> list:
 
 
 def _audited_import(handler):
+    """``handler`` (read the list, add requests, write it) under the list's lock, so two
+    imports into one list cannot both read the old file and the second write lose the first's
+    requests; then one audit entry."""
+
     def run(args: argparse.Namespace) -> int:
         from foundation.governance import audit
+        from foundation.governance.dataset_lock import hold
         from foundation.privacy.exclusion import ExclusionList
 
-        before = ExclusionList.load(args.list, missing_ok=True).version
-        code = handler(args)
-        after = ExclusionList.load(args.list)
+        with hold(args.list, wait=args.wait, operation="optout import"):
+            before = ExclusionList.load(args.list, missing_ok=True).version
+            code = handler(args)
+            after = ExclusionList.load(args.list)
         audit.append(
             args.audit_log or audit.default_log_path(args.list),
             "optout import",
