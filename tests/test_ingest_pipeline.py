@@ -124,6 +124,21 @@ def test_no_key_no_run(small_cohort, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_wrong_input_folder_publishes_nothing(tmp_path):
+    key = write_test_key(tmp_path / "key")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        run_ingest(
+            tmp_path / "nowhere", tmp_path / "out", config=demo_ingest_config(), key_file=key
+        )
+    assert not (tmp_path / "out").exists()
+    notes = tmp_path / "notes"  # a folder, but of other files: counted in the error, no manifest
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not an image", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no DICOM series or NIfTI image found \(1 "):
+        run_ingest(notes, tmp_path / "out", config=demo_ingest_config(), key_file=key)
+    assert not list((tmp_path / "out").rglob("*.json")) and not (tmp_path / "out/shards").exists()
+
+
 def _content(manifest: Path) -> dict[str, tuple]:
     return {
         s.key: (s.report, json.dumps(s.meta, sort_keys=True), s.image.tobytes())

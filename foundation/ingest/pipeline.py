@@ -237,6 +237,8 @@ def run_ingest(
     ingest (an erasure...) is refused (``GovernedDatasetError``, see ``publish.py``).
     """
     config = config or IngestConfig()
+    if not Path(input_dir).is_dir():
+        raise FileNotFoundError(f"{input_dir}: input folder not found (the export to ingest)")
     key = load_key(key_file)  # no key, no run: fails before anything is read
     exclusion = load_for_ingest(exclusion_list, key)  # nor with a list that cannot be read
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +260,6 @@ def _ingest(
     """``run_ingest`` under the dataset's lock: ``path`` is the manifest it publishes."""
     t0 = time.perf_counter()
     shard_dir = out_dir / "shards"
-    shard_dir.mkdir(exist_ok=True)
     tag = config.part_tag
     ledger_path = out_dir / (f"ledger.{tag}.jsonl" if tag else LEDGER_NAME)
     result = IngestResult()
@@ -268,6 +269,10 @@ def _ingest(
     series, scan_skips = scan_series(dicom_paths)
     nifti = sorted(find_nifti_files(input_dir))
     scan_counts = Counter(skip.reason for skip in [*not_dicom, *scan_skips])
+    if not series and not nifti:  # a wrong --input must not publish an empty dataset
+        other = ", ".join(f"{n} {r}" for r, n in sorted(scan_counts.items())) or "no file"
+        raise ValueError(f"{input_dir}: no DICOM series or NIfTI image found ({other})")
+    shard_dir.mkdir(exist_ok=True)
     reports = ReportTable.from_csv(
         reports_csv, id_column=config.report_id_column, text_column=config.report_text_column
     )
