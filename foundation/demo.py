@@ -198,7 +198,7 @@ class Demo:
             f"--model.max_steps={steps}",
             f"--trainer.default_root_dir={run_dir}",
             f"--seed_everything={self.seed}",
-            f"--data.batch_size={4 if self.quick else 8}",
+            f"--data.batch_size={4 if self.quick else 16}",
             "--trainer.log_every_n_steps=5",
         ]
         self.checkpoint, info = run_pretrain(_config("pretrain/tiny.yaml"), overrides)

@@ -237,7 +237,7 @@ def test_every_manifest_writer_takes_the_lock(toy: ToyDataset, tmp_path: Path, w
     retention.set_retention(toy.manifest, TODAY - dt.timedelta(days=800))  # past its deadline
     before = snapshot(toy.root)
     with held_by_thread(toy.manifest):
-        with pytest.raises(DatasetLockedError, match="another writer holds this dataset.s lock"):
+        with pytest.raises(DatasetLockedError, match="another writer holds this dataset"):
             WRITERS[writer](toy, tmp_path)
         assert snapshot(toy.root) == before
     WRITERS[writer](toy, tmp_path)  # the same call goes through once the lock is free

@@ -27,18 +27,22 @@ def features(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return img, txt
 
 
-def single_process(kind: str) -> dict[str, torch.Tensor]:
+# a modality per pair, spread over both ranks' rows (same-group columns on the other rank too)
+GROUPS = torch.tensor([0, 1, 0, 1, 1, 0])
+
+
+def single_process(kind: str, grouped: bool = False) -> dict[str, torch.Tensor]:
     """Loss and gradients of the concatenated batch, in one process."""
     img, txt = (t.clone().requires_grad_(True) for t in features())
     loss_fn = build_contrastive_loss(kind)
-    loss = loss_fn(img, txt)
+    loss = loss_fn(img, txt, GROUPS if grouped else None)
     loss.backward()
     out = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad}
     out.update({n: p.grad for n, p in loss_fn.named_parameters()})
     return out
 
 
-def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, kind: str, grouped: bool, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         img, txt = features()
@@ -46,7 +50,7 @@ def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
         img = img[rows].clone().requires_grad_(True)
         txt = txt[rows].clone().requires_grad_(True)
         loss_fn = build_contrastive_loss(kind)
-        loss = loss_fn(img, txt)
+        loss = loss_fn(img, txt, GROUPS[rows] if grouped else None)
         loss.backward()
         out = {"loss": loss.detach(), "img": img.grad, "txt": txt.grad}
         out.update({n: p.grad for n, p in loss_fn.named_parameters()})
@@ -55,13 +59,14 @@ def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["all-negatives", "same-group"])
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_gathered_loss_and_gradients_match_single_process(kind: str) -> None:
+def test_gathered_loss_and_gradients_match_single_process(kind: str, grouped: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(kind, init_file, tmp), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(kind, grouped, init_file, tmp), nprocs=WORLD, join=True)
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(WORLD)]
-    ref = single_process(kind)
+    ref = single_process(kind, grouped)
     # DDP averages parameter gradients over ranks, so the effective loss is the mean of the
     # per-rank losses and the effective feature gradient of rank r's rows is grad_r / WORLD.
     assert torch.allclose(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"], atol=1e-5)
@@ -83,6 +88,20 @@ def test_clip_loss_matches_the_textbook_formula() -> None:
     assert torch.allclose(loss_fn(img, txt), expected, atol=1e-5)
     # Aligned pairs at a high scale give a loss near zero.
     assert loss_fn(img, img) < F.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_same_group_negatives_equal_the_losses_of_each_group_alone(kind: str) -> None:
+    # Independent computation: each group's pairs as a batch of their own; the grouped loss of
+    # the whole batch is their mean weighted by group size (every row counts once).
+    img, txt = features(3)
+    loss_fn = build_contrastive_loss(kind)
+    parts = [torch.nonzero(GROUPS.eq(g)).flatten() for g in GROUPS.unique()]
+    expected = sum(len(i) * loss_fn(img[i], txt[i]) for i in parts) / len(GROUPS)
+    assert torch.allclose(loss_fn(img, txt, GROUPS), expected, atol=1e-5)
+    assert not torch.allclose(loss_fn(img, txt), expected, atol=1e-3)  # the mask does something
+    # one group: the same loss as without groups
+    assert torch.allclose(loss_fn(img, txt, torch.zeros_like(GROUPS)), loss_fn(img, txt))
 
 
 def test_clip_temperature_is_clamped() -> None:

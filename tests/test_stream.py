@@ -165,6 +165,9 @@ def test_schedule_and_ratio():
     assert cap_by_ratio(10, 100, 0.5) == (10, 10)
     assert cap_by_ratio(10, 3, 0.5) == (3, 3)
     assert cap_by_ratio(10, 3, None) == (10, 3)
+    # one kind only (a CT-only dataset, or a split too small for one 2D batch): keep it whole
+    assert cap_by_ratio(0, 7, 0.45) == (0, 7) and cap_by_ratio(5, 0, 0.45) == (5, 0)
+    assert cap_by_ratio(10, 100, 0.0) == (10, 0) and cap_by_ratio(10, 100, 1.0) == (0, 100)
     s = batch_schedule(4, 6, seed=0, epoch=1)
     assert Counter(s) == {2: 4, 3: 6} and s == batch_schedule(4, 6, seed=0, epoch=1)
 
@@ -500,3 +503,17 @@ def test_pipe_urls(dataset):
     local = [k for b in make(dataset, None, rank=0, world_size=1) for k in b["key"]]
     piped = make(dataset, None, rank=0, world_size=1, shard_url="pipe:cat {root}/{path}")
     assert [k for b in piped for k in b["key"]] == local
+
+
+def test_ratio_3d_shapes_training_not_validation(dataset):
+    from foundation.data.datamodule import ShardDataModule
+
+    dm = ShardDataModule(
+        str(dataset), batch_size=2, num_workers=0, ratio_3d=0.0, val_fraction=0.5,
+        crop_size_3d=(4, 4, 2), crop_size_2d=(4, 4), pin_memory=False,
+    )  # fmt: skip
+    dm.setup("fit")
+    train = Counter(b["image"].ndim - 2 for b in run_rank(dm.train_stream))
+    val = Counter(b["image"].ndim - 2 for b in run_rank(dm.val_stream))
+    assert train[2] > 0 and train[3] == 0  # ratio_3d 0: 2D batches only
+    assert val[2] > 0 and val[3] > 0  # validation reads every batch of both kinds

@@ -239,7 +239,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             batch_size=self.batch_size,
             crops_per_volume=self.crops_per_volume if train else 1,
-            ratio_3d=self.ratio_3d,
+            ratio_3d=self.ratio_3d if train else None,  # validation reads every batch
             shuffle=train,
             shuffle_block=self.shuffle_block,
             num_workers=self.num_workers,

@@ -260,11 +260,12 @@ def batch_schedule(n2: int, n3: int, *, seed: int, epoch: int) -> tuple[int, ...
 
 def cap_by_ratio(n2: int, n3: int, ratio_3d: float | None) -> tuple[int, int]:
     """Batch counts giving a fraction ``ratio_3d`` of 3D batches (the scarcer kind is used in
-    full, the other truncated); ``None`` keeps every batch of both."""
-    if ratio_3d is None:
-        return n2, n3
-    if not 0.0 <= ratio_3d <= 1.0:
+    full, the other truncated); ``None`` keeps every batch of both, and so does a split that
+    holds only one kind (nothing to balance: a CT-only dataset must not train on nothing)."""
+    if ratio_3d is not None and not 0.0 <= ratio_3d <= 1.0:
         raise ValueError("ratio_3d must be within [0, 1]")
+    if ratio_3d is None or n2 == 0 or n3 == 0:
+        return n2, n3
     if ratio_3d == 0.0:
         return n2, 0
     if ratio_3d == 1.0:

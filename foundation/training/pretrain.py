@@ -106,6 +106,7 @@ class PretrainModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         proj_norm: Literal["none", "batchnorm"] = "none",
         contrastive_masked: bool = True,
+        negatives: Literal["batch", "same_modality"] = "batch",
         ema: bool = False,
         ema_decay: float = 0.999,
         compile: bool = False,
@@ -114,6 +115,8 @@ class PretrainModule(L.LightningModule):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if negatives not in ("batch", "same_modality"):
+            raise ValueError(f"negatives must be 'batch' or 'same_modality', not {negatives!r}")
         vcfg, tcfg = VisionConfig.from_any(vision), TextConfig.from_any(text)
         # Plain dicts in hparams: checkpoints load with weights_only and YAML dumps stay readable.
         # The lineage is cleaned of secret-looking entries before it reaches hparams/checkpoints.
@@ -208,7 +211,8 @@ class PretrainModule(L.LightningModule):
             pooled = self.vision(image, modality).pooled
         img = F.normalize(self.vision_proj(pooled), dim=-1)  # (B, E)
         txt = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, E)
-        l_c = self.contrastive(img.float(), txt.float())
+        groups = modality if self.hparams.get("negatives", "batch") == "same_modality" else None
+        l_c = self.contrastive(img.float(), txt.float(), groups)
         hp = self.hparams
         losses = {"loss_contrastive": l_c}
         total = hp.w_contrastive * l_c
