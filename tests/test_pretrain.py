@@ -241,7 +241,9 @@ def test_no_decay_groups_and_schedule() -> None:
 def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     start = time.perf_counter()
     L.seed_everything(0)
-    module = tiny_module()
+    # tiny.yaml's choices: batch-norm projections and an unmasked contrastive view, plus
+    # negatives within a modality (the stand-in batches mix three)
+    module = tiny_module(proj_norm="batchnorm", contrastive_masked=False, negatives="same_modality")
     before = module.vision.cls_token.detach().clone()
     t = L.Trainer(
         max_steps=3,
@@ -258,6 +260,10 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     # ddp_spawn copies the trained weights (not the loop state) back to this process
     after = module.vision.cls_token.detach()
     assert math.isfinite(float(after.sum())) and not torch.equal(before, after)
+    norm = module.vision_proj[0]  # BatchNorm1d: its running statistics moved off their init
+    assert int(norm.num_batches_tracked) == 3 and not torch.equal(
+        norm.running_var, torch.ones_like(norm.running_var)
+    )
     assert time.perf_counter() - start < 120
 
 
