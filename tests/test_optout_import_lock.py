@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_dataset_lock import held_by_thread
 
 from foundation.cli import main
-from foundation.governance.dataset_lock import hold
 from foundation.privacy.exclusion import ExclusionList
 from foundation.privacy.pseudonym import load_key
 
@@ -72,25 +72,12 @@ def test_a_held_list_lock_refuses_the_import_and_leaves_the_list(
     lst = tmp_path / "exclusion_list.json"
     assert main(_argv(_requests(tmp_path / "a.csv", "PAT-A1"), lst, key_file)) == 0
     before = lst.read_bytes()
-    got, done = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with hold(lst, operation="optout import"):
-            got.set()
-            done.wait(30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert got.wait(10)
-    try:
+    with held_by_thread(lst):
         capsys.readouterr()
         code = main(_argv(_requests(tmp_path / "b.csv", "PAT-B1"), lst, key_file))
         err = capsys.readouterr().err
-    finally:
-        done.set()
-        t.join(10)
     assert code == 75
-    assert str(lst) in err and "optout import" in err and "PAT-B1" not in err
+    assert str(lst) in err and "test holder" in err and "PAT-B1" not in err
     assert lst.read_bytes() == before
     assert main(_argv(tmp_path / "b.csv", lst, key_file)) == 0  # once free, the same call lands
     assert len(ExclusionList.load(lst)) == 2
