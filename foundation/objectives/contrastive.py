@@ -15,12 +15,12 @@ rank's features serve as columns for another rank's rows; with the local-rows fo
 gradient is wrong, hence the autograd gather here. ``tests/test_objectives.py`` checks both
 losses and gradients against the single-process loss in a 2-process gloo run.
 
-Negatives within a group (``groups``, e.g. the modality of each pair): a batch that mixes CT
-and MR is solved to ``log(B / n_modalities)`` by telling the modalities apart, which a report's
-first words already do; past that the loss barely moves and the encoders learn little else
-(measured on the synthetic cohort: see docs/researchers.md). With ``groups`` a pair's negatives
+Negatives within a group (``groups``, e.g. the modality of each pair): in a batch that mixes CT
+and MR, telling the modalities apart (which a report's first words already do) brings the loss
+to ``log(B / n_modalities)`` without learning anything else. With ``groups`` a pair's negatives
 are only the pairs of its own group, so the loss can fall only by telling apart exams of one
-modality. Pairs of other groups are left out of the softmax (CLIP) or of the sum (SigLIP).
+modality; pairs of other groups are left out of the softmax (CLIP) or of the sum (SigLIP). On
+the synthetic cohort it did not help (docs/researchers.md); it is an option, off by default.
 """
 
 from __future__ import annotations
@@ -89,11 +89,12 @@ def gather_groups(groups: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def _other_group(groups: Tensor | None, all_groups: Tensor | None) -> Tensor | None:
-    """``(B, W*B)`` True where row and column belong to different groups (not negatives)."""
-    if groups is None or all_groups is None:
+def _other_group(groups: Tensor | None) -> Tensor | None:
+    """``(B, W*B)`` True where a local row and a gathered column belong to different groups
+    (not negatives of each other); None without groups."""
+    if groups is None:
         return None
-    return groups[:, None] != all_groups[None, :]
+    return groups[:, None] != gather_groups(groups)[None, :]
 
 
 class ClipLoss(nn.Module):
@@ -116,7 +117,7 @@ class ClipLoss(nn.Module):
         scale = self.scale()
         logits_image = scale * image @ all_text.T  # (B, W*B): local images vs all reports
         logits_text = scale * text @ all_image.T
-        other = _other_group(groups, gather_groups(groups) if groups is not None else None)
+        other = _other_group(groups)
         if other is not None:  # the positive (same pair, same group) is never masked
             logits_image = logits_image.masked_fill(other, float("-inf"))
             logits_text = logits_text.masked_fill(other, float("-inf"))
@@ -153,7 +154,7 @@ class SigLipLoss(nn.Module):
         idx = torch.arange(b, device=image.device)
         labels[idx, idx + offset] = 1.0
         terms = -F.logsigmoid(labels * logits)
-        other = _other_group(groups, gather_groups(groups) if groups is not None else None)
+        other = _other_group(groups)
         if other is not None:
             terms = terms.masked_fill(other, 0.0)
         return terms.sum() / b
