@@ -39,14 +39,13 @@ def _common(p: argparse.ArgumentParser, *, manifest: bool = True) -> None:
     p.add_argument("--audit-log", default=None, help="audit log (default: next to the manifest)")
 
 
-def _wait_option(p: argparse.ArgumentParser) -> None:
+def _wait_option(p: argparse.ArgumentParser, locked: str = "the dataset's lock") -> None:
     p.add_argument(
         "--wait",
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="if another erasure/rewrite holds the dataset's lock, wait up to this long"
-        " (default: fail at once)",
+        help=f"if another writer holds {locked}, wait up to this long (default: fail at once)",
     )
 
 
@@ -81,14 +80,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     imp = optout.choices.get("import")
     if imp is not None and imp.get_default("handler") is not None:
         imp.add_argument("--audit-log", default=None, help="audit log (default: next to --list)")
-        imp.add_argument(
-            "--wait",
-            type=float,
-            default=0.0,
-            metavar="SECONDS",
-            help="if another import into this list holds its lock, wait up to this long"
-            " (default: fail at once)",
-        )
+        _wait_option(imp, locked="the list's lock")
         imp.set_defaults(handler=_locked(_audited_import(imp.get_default("handler"))))
 
     subject = _group(sub, "subject", "data-subject access and rectification (art. 15, 16)")
