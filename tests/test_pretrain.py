@@ -201,7 +201,7 @@ def test_encoders_and_2d_batches() -> None:
     with torch.no_grad():
         img = module.encode_image(batch["image"], batch["modality"])
         ema = module.encode_image(batch["image"], batch["modality"], use_ema=True)
-        txt = module.encode_text(batch["input_ids"], batch["attention_mask"])
+        txt = module.encode_text(batch["input_ids"], batch["attention_mask"], 2)
     assert img.shape == txt.shape == (4, 32)
     assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert not torch.allclose(img, ema)  # the average lags the last iterate
@@ -260,7 +260,7 @@ def test_ddp_two_processes_on_cpu(tmp_path: Path) -> None:
     # ddp_spawn copies the trained weights (not the loop state) back to this process
     after = module.vision.cls_token.detach()
     assert math.isfinite(float(after.sum())) and not torch.equal(before, after)
-    norm = module.vision_proj[0]  # BatchNorm1d: its running statistics moved off their init
+    norm = module.vision_proj.norms["3d"]  # 3D batches: its running statistics moved off init
     assert int(norm.num_batches_tracked) == 3 and not torch.equal(
         norm.running_var, torch.ones_like(norm.running_var)
     )

@@ -46,8 +46,9 @@ def study_image_embeddings(
     transform_for: Callable[[int], Callable[[np.ndarray, dict], Tensor]],
     patients: set[str] | None = None,
     batch_size: int = 16,
-) -> tuple[list[str], Tensor, dict[str, str], list[str]]:
-    """Studies (sorted), their image embeddings ``(n, E)``, reports and modalities."""
+) -> tuple[list[str], Tensor, dict[str, str], list[str], list[int]]:
+    """Studies (sorted), their image embeddings ``(n, E)``, reports, modalities, and the
+    dimensionality (2 or 3) of the series each embedding comes from."""
     sums: dict[tuple[str, int], Tensor] = {}
     counts: dict[tuple[str, int], int] = {}
     reports: dict[str, str] = {}
@@ -85,13 +86,15 @@ def study_image_embeddings(
         flush(dims)
 
     studies = sorted(s for s in {k[0] for k in sums} if s in reports)
-    embs = []
+    embs, dims_of = [], []
     for study in studies:
         # Most series wins; ties go to 3D (the richer view of the study).
         dims = max((d for d in (3, 2) if (study, d) in counts), key=lambda d: counts[(study, d)])
         embs.append(F.normalize(sums[(study, dims)] / counts[(study, dims)], dim=-1))
+        dims_of.append(dims)
     emb = torch.stack(embs) if embs else torch.zeros(0, 1)
-    return studies, emb, {s: reports[s] for s in studies}, [modality_of[s] for s in studies]
+    reports_of = {s: reports[s] for s in studies}
+    return studies, emb, reports_of, [modality_of[s] for s in studies], dims_of
 
 
 def within_modality(sim: np.ndarray, modalities: list[str]) -> tuple[float, float]:
@@ -157,21 +160,23 @@ def evaluate_retrieval(
     was_training = module.training
     module.eval()
     try:
-        studies, img, reports, modalities = study_image_embeddings(
+        studies, img, reports, modalities, dims_of = study_image_embeddings(
             module, samples, transform_for, patients, batch_size
         )
         n = len(studies)
         if n == 0:
             raise ValueError(f"{manifest}: no study with an image and a report to retrieve")
-        txt = []
-        for i in range(0, n, batch_size):
-            ids, mask = _tokenize(
-                tokenizer,
-                [select_sections(reports[s], report_sections) for s in studies[i : i + batch_size]],
-                max_length,
-            )
-            txt.append(module.encode_text(ids, mask).float())
-        sim = (img @ torch.cat(txt).T).numpy()  # (n images, n reports)
+        texts = [select_sections(reports[s], report_sections) for s in studies]
+        txt = torch.zeros_like(img)
+        # a report is encoded for the dimensionality of its study's images (the projection
+        # may keep statistics per dimensionality: foundation.models.projection)
+        for dims in sorted(set(dims_of)):
+            rows = [i for i, d in enumerate(dims_of) if d == dims]
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                ids, mask = _tokenize(tokenizer, [texts[j] for j in chunk], max_length)
+                txt[chunk] = module.encode_text(ids, mask, dims).float()
+        sim = (img @ txt.T).numpy()  # (n images, n reports)
     finally:
         module.train(was_training)
     out: dict[str, float | int] = {}

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import foundation
+from foundation.models.projection import Projection
 from foundation.models.text import TextConfig, TextEncoder
 from foundation.models.vision import VisionConfig, VisionTransformer
 from foundation.objectives.contrastive import build_contrastive_loss
@@ -59,26 +60,6 @@ def _clean_lineage(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         return None
     return value
-
-
-def projection(in_dim: int, out_dim: int, norm: str = "none") -> nn.Module:
-    """The linear map from a tower's pooled features to the joint embedding space.
-
-    ``norm="batchnorm"`` standardises the features first (batch statistics in training, running
-    ones at evaluation; no affine), as the projection heads of SimCLR and MoCo v3 do. Why: at
-    initialisation every image's pooled features share one large common component, so after the
-    projection and the L2 norm the embeddings of one modality are nearly identical; the InfoNCE
-    gradient that tells them apart is then tiny and training sits on the "modality only"
-    plateau. Standardising removes that common part (measurements: ``docs/researchers.md``,
-    "modality plateau").
-    """
-    if norm == "none":
-        return nn.Linear(in_dim, out_dim, bias=False)
-    if norm == "batchnorm":
-        return nn.Sequential(
-            nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, out_dim, bias=False)
-        )
-    raise ValueError(f"proj_norm must be 'none' or 'batchnorm', not {norm!r}")
 
 
 class PretrainModule(L.LightningModule):
@@ -127,8 +108,8 @@ class PretrainModule(L.LightningModule):
 
         self.vision = VisionTransformer(vcfg)
         self.text = TextEncoder(tcfg)
-        self.vision_proj = projection(self.vision.embed_dim, embed_dim, proj_norm)
-        self.text_proj = projection(self.text.embed_dim, embed_dim, proj_norm)
+        self.vision_proj = Projection(self.vision.embed_dim, embed_dim, proj_norm)
+        self.text_proj = Projection(self.text.embed_dim, embed_dim, proj_norm)
         self.contrastive = build_contrastive_loss(loss)
         self.decoder: MaskedImageDecoder | None = None
         if w_mim > 0 and mask_ratio > 0:
@@ -177,11 +158,19 @@ class PretrainModule(L.LightningModule):
             vision, proj = self.ema.module["vision"], self.ema.module["proj"]
         else:
             vision, proj = self.vision, self.vision_proj
-        return F.normalize(proj(vision(image, modality).pooled), dim=-1)
+        return F.normalize(proj(vision(image, modality).pooled, image.ndim - 2), dim=-1)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``(B, L)`` ids and mask -> ``(B, embed_dim)`` L2-normalised."""
-        return F.normalize(self.text_proj(self.text(input_ids, attention_mask)), dim=-1)
+    def encode_text(
+        self, input_ids: Tensor, attention_mask: Tensor, dims: int | None = None
+    ) -> Tensor:
+        """``(B, L)`` ids and mask -> ``(B, embed_dim)`` L2-normalised.
+
+        ``dims`` (2 or 3): the dimensionality of the images these reports go with; needed when
+        ``proj_norm="batchnorm"`` (each dimensionality has its own statistics, see
+        ``foundation.models.projection``), ignored otherwise.
+        """
+        pooled = self.text(input_ids, attention_mask)
+        return F.normalize(self.text_proj(pooled, dims), dim=-1)
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -209,8 +198,9 @@ class PretrainModule(L.LightningModule):
         pooled = out.pooled
         if out.mask is not None and not self.hparams.contrastive_masked:
             pooled = self.vision(image, modality).pooled
-        img = F.normalize(self.vision_proj(pooled), dim=-1)  # (B, E)
-        txt = self.encode_text(batch["input_ids"], batch["attention_mask"])  # (B, E)
+        dims = len(out.grid)  # batches are homogeneous: all 2D or all 3D
+        img = F.normalize(self.vision_proj(pooled, dims), dim=-1)  # (B, E)
+        txt = self.encode_text(batch["input_ids"], batch["attention_mask"], dims)  # (B, E)
         groups = modality if self.hparams.get("negatives", "batch") == "same_modality" else None
         l_c = self.contrastive(img.float(), txt.float(), groups)
         hp = self.hparams
@@ -223,7 +213,7 @@ class PretrainModule(L.LightningModule):
         # Batches are 2D or 3D, so one patch stem and one MIM head sit idle each step; a zero-
         # weighted term gives them a (zero) gradient, which keeps DDP's reducer static (no
         # find_unused_parameters) and lets ranks hold batches of different dimensionality.
-        losses["loss"] = total + 0.0 * sum(p.sum() for p in self._idle_parameters(len(out.grid)))
+        losses["loss"] = total + 0.0 * sum(p.sum() for p in self._idle_parameters(dims))
         losses["_img"], losses["_txt"] = img.detach(), txt.detach()
         return losses
 
