@@ -233,6 +233,8 @@ class Demo:
         return {
             "heldout_studies": pre["n"],
             "heldout_patients": r["heldout_patients"],
+            # reports that read the same count as one (foundation.evaluation.retrieval)
+            "distinct_reports": pre["distinct_reports"],
             **{f"{k}": v for k, v in pre.items() if k.startswith(("i2t", "t2i"))},
             **{f"{k}_random_init": v for k, v in rnd.items() if k.startswith(("i2t", "t2i"))},
         }

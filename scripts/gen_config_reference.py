@@ -101,7 +101,8 @@ FALLBACK: dict[str, dict[str, str]] = {
         "min_lr_ratio": "final learning rate as a share of lr",
         "betas": "AdamW betas",
         "proj_norm": "'batchnorm': standardise pooled features before the projections "
-        "(SimCLR/MoCo v3 heads); see researchers.md, modality plateau",
+        "(SimCLR/MoCo v3 heads), statistics kept per dimensionality; see researchers.md, "
+        "modality plateau",
         "contrastive_masked": "contrastive loss on the masked pass (FLIP); false: on its own "
         "unmasked pass (costlier; small 2D grids)",
         "ema": "keep an EMA of the vision encoder and projection",

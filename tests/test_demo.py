@@ -37,7 +37,8 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
     pretrain = stages["pretrain"]
     assert pretrain["steps"] > 0 and (out / "runs" / "pretrain" / "final.ckpt").is_file()
     n = stages["evaluate"]["heldout_studies"]
-    assert pretrain["chance_r1"] == pytest.approx(1.0 / n)
+    # identical reports (findings and conclusion only) count as one: chance is at least 1/n
+    assert 1.0 / n - 1e-9 <= pretrain["chance_r1"] <= 1.0
     for key in ("retrieval_r1", "retrieval_r1_random_init"):
         assert 0.0 <= pretrain[key] <= 1.0
 

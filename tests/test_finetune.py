@@ -470,7 +470,10 @@ def test_zero_shot_retrieval(cohort: dict, checkpoint: Path, tmp_path: Path) -> 
         transform_for=_transform,
     )  # fmt: skip
     n_studies = len({s.meta["study"] for s in samples if s.meta["patient"] in patients})
-    assert res["n"] == n_studies and res["chance_r1"] == pytest.approx(1 / n_studies)
+    assert res["n"] == n_studies
+    # whole reports (a header with names and dates): every one unique, chance is 1/n
+    assert res["distinct_reports"] == n_studies
+    assert res["chance_r1"] == pytest.approx(1 / n_studies)
     for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert 0.0 <= res[k] <= 1.0
     assert res["i2t_r1"] <= res["i2t_r5"] <= res["i2t_r10"]

@@ -4,7 +4,14 @@ One image embedding per study: the mean of ``encode_image`` over the study's ser
 most common dimensionality (2D or 3D), renormalised; against that study's report through
 ``encode_text``. Recall@k counts a query as found when fewer than k other candidates score at
 least as high as its own pair: ties count against the query, so a collapsed encoder (all
-scores equal) gets recall 0, not 1. Chance recall@1 is 1/n.
+scores equal) gets recall 0, not 1.
+
+Identical reports: "Examen sans anomalie." is written word for word for many exams, and no
+model can tell which of several identical texts was the pair. A report whose text (the
+sections read, whitespace aside) equals the true one is that report: retrieving it counts as
+found, in both directions, and it is not counted among the candidates that outrank the pair.
+Chance recall@1 is then the mean over queries of (copies of its report) / n, and 1/n when
+every report is unique.
 """
 
 from __future__ import annotations
@@ -24,12 +31,37 @@ KS: tuple[int, ...] = (1, 5, 10)
 DEFAULT_SIZE = {2: (224, 224), 3: (96, 96, 96)}
 
 
-def recall_at_k(sim: np.ndarray, ks: Iterable[int] = KS) -> dict[int, float]:
-    """Recall@k of the diagonal pairs in a square similarity matrix ``(n, n)`` (rows = queries)."""
+def same_text(texts: Sequence[str]) -> np.ndarray:
+    """``(n, n)`` bool: True where two reports read the same (whitespace runs aside)."""
+    keys = [" ".join(t.split()) for t in texts]
+    return np.array([[a == b for b in keys] for a in keys], dtype=bool)
+
+
+def recall_at_k(
+    sim: np.ndarray, ks: Iterable[int] = KS, same: np.ndarray | None = None
+) -> dict[int, float]:
+    """Recall@k of the diagonal pairs in a square similarity matrix ``(n, n)`` (rows = queries).
+
+    ``same`` ``(n, n)`` bool (``same_text``): candidates equivalent to a query's own pair, which
+    count as found and never as outranking it; None: only the diagonal.
+    """
     sim = np.asarray(sim, float)
+    equivalent = np.eye(len(sim), dtype=bool)
+    if same is not None:
+        equivalent |= np.asarray(same, bool)
     own = np.diag(sim)[:, None]
-    rank = (sim >= own).sum(axis=1) - 1  # other candidates scoring at least the true pair
+    best_own = np.where(equivalent, sim, -np.inf).max(axis=1, keepdims=True)
+    # a query is ranked by its best equivalent candidate (its own pair, or a copy of its report);
+    # the others that score at least as high (ties included) outrank it
+    rank = ((sim >= np.maximum(own, best_own)) & ~equivalent).sum(axis=1)
     return {k: float(np.mean(rank < k)) for k in ks}
+
+
+def chance_r1(same: np.ndarray | None, n: int) -> float:
+    """Expected recall@1 of a random ranking: mean over queries of (copies of its pair) / n."""
+    if same is None:
+        return 1.0 / n
+    return float((np.asarray(same, bool) | np.eye(n, dtype=bool)).sum(axis=1).mean() / n)
 
 
 def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
@@ -97,18 +129,24 @@ def study_image_embeddings(
     return studies, emb, reports_of, [modality_of[s] for s in studies], dims_of
 
 
-def within_modality(sim: np.ndarray, modalities: list[str]) -> tuple[float, float]:
+def within_modality(
+    sim: np.ndarray, modalities: list[str], same: np.ndarray | None = None
+) -> tuple[float, float]:
     """Image->report recall@1 when each image only ranks reports of its own modality, and the
     chance level of that task. Separates what a model learned about anatomy and findings from
-    telling a CT report from an X-ray report (which alone lifts plain recall@1 above 1/n)."""
+    telling a CT report from an X-ray report (which alone lifts plain recall@1 above 1/n).
+    ``same``: equivalent reports, as in ``recall_at_k``."""
     mods = np.asarray(modalities)
+    equivalent = np.eye(len(mods), dtype=bool)
+    if same is not None:
+        equivalent |= np.asarray(same, bool)
     hits, chance = [], []
     for i, m in enumerate(mods):
-        same = np.flatnonzero(mods == m)
-        scores = sim[i, same]
-        best = same[scores == scores.max()]
-        hits.append(float(len(best) == 1 and best[0] == i))  # ties count against the query
-        chance.append(1.0 / len(same))
+        cands = np.flatnonzero(mods == m)
+        scores = sim[i, cands]
+        best = cands[scores == scores.max()]
+        hits.append(float(equivalent[i, best].all()))  # ties count against the query
+        chance.append(equivalent[i, cands].sum() / len(cands))
     return float(np.mean(hits)), float(np.mean(chance))
 
 
@@ -179,14 +217,16 @@ def evaluate_retrieval(
         sim = (img @ txt.T).numpy()  # (n images, n reports)
     finally:
         module.train(was_training)
+    same = same_text(texts)  # symmetric: the same equivalence serves both directions
     out: dict[str, float | int] = {}
-    for k, v in recall_at_k(sim).items():
+    for k, v in recall_at_k(sim, same=same).items():
         out[f"i2t_r{k}"] = v
-    for k, v in recall_at_k(sim.T).items():
+    for k, v in recall_at_k(sim.T, same=same).items():
         out[f"t2i_r{k}"] = v
     out["i2t_r1_within_modality"], out["chance_r1_within_modality"] = within_modality(
-        sim, modalities
+        sim, modalities, same
     )
     out["n"] = n
-    out["chance_r1"] = 1.0 / n
+    out["distinct_reports"] = len({" ".join(t.split()) for t in texts})
+    out["chance_r1"] = chance_r1(same, n)
     return out
