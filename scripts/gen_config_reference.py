@@ -103,6 +103,8 @@ FALLBACK: dict[str, dict[str, str]] = {
         "proj_norm": "'batchnorm': standardise pooled features before the projections "
         "(SimCLR/MoCo v3 heads), statistics kept per dimensionality; see researchers.md, "
         "modality plateau",
+        "cross_dims_negatives": "the last batch of the other dimensionality (2D/3D) joins each "
+        "batch's contrastive loss as detached negatives: an X-ray is ranked against CT reports",
         "contrastive_masked": "contrastive loss on the masked pass (FLIP); false: on its own "
         "unmasked pass (costlier; small 2D grids)",
         "ema": "keep an EMA of the vision encoder and projection",

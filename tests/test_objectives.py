@@ -104,6 +104,33 @@ def test_same_group_negatives_equal_the_losses_of_each_group_alone(kind: str) ->
     assert torch.allclose(loss_fn(img, txt, torch.zeros_like(GROUPS)), loss_fn(img, txt))
 
 
+def test_extra_negatives_are_columns_nobody_pairs_with() -> None:
+    # Independent computation: CLIP with extras = cross-entropy over [batch | extra] columns;
+    # SigLIP with extras = the textbook pair sum plus one negative term per (row, extra) pair.
+    img, txt = features(4)
+    extra_img, extra_txt = features(5)
+    b, labels = len(img), torch.arange(len(img))
+    clip = ClipLoss(init_temperature=0.1)
+    li = 10.0 * torch.cat([img @ txt.T, img @ extra_txt.T], dim=1)
+    lt = 10.0 * torch.cat([txt @ img.T, txt @ extra_img.T], dim=1)
+    expected = (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
+    got = clip(img, txt, None, extra_img, extra_txt)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got > clip(img, txt)  # more negatives, larger InfoNCE
+    siglip = SigLipLoss(init_scale=10.0, init_bias=-10.0)
+    z = 10.0 * img @ txt.T - 10.0
+    sign = 2 * torch.eye(b) - 1
+    base = -F.logsigmoid(sign * z).sum()
+    extra = -F.logsigmoid(-(10.0 * img @ extra_txt.T - 10.0)).sum()
+    extra = extra - F.logsigmoid(-(10.0 * txt @ extra_img.T - 10.0)).sum()
+    assert torch.allclose(siglip(img, txt), base / b, atol=1e-5)
+    assert torch.allclose(
+        siglip(img, txt, None, extra_img, extra_txt), (base + extra) / b, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="do not combine"):
+        clip(img, txt, GROUPS, extra_img, extra_txt)
+
+
 def test_clip_temperature_is_clamped() -> None:
     loss_fn = ClipLoss()
     with torch.no_grad():

@@ -21,6 +21,11 @@ to ``log(B / n_modalities)`` without learning anything else. With ``groups`` a p
 are only the pairs of its own group, so the loss can fall only by telling apart exams of one
 modality; pairs of other groups are left out of the softmax (CLIP) or of the sum (SigLIP). On
 the synthetic cohort it did not help (docs/researchers.md); it is an option, off by default.
+
+Extra negatives (``extra_image``, ``extra_text``: local, detached features of pairs outside
+the batch) join as columns that are never anyone's positive: the image rows are also scored
+against ``extra_text``, the report rows against ``extra_image``. The pretraining module uses
+them to hold the last batch of the other dimensionality (see ``cross_dims_negatives`` there).
 """
 
 from __future__ import annotations
@@ -109,9 +114,18 @@ class ClipLoss(nn.Module):
         """The multiplier of the cosine similarities, clamped at ``max_scale`` (CLIP: 100)."""
         return self.logit_scale.exp().clamp(max=self.max_scale)
 
-    def forward(self, image: Tensor, text: Tensor, groups: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        image: Tensor,
+        text: Tensor,
+        groups: Tensor | None = None,
+        extra_image: Tensor | None = None,
+        extra_text: Tensor | None = None,
+    ) -> Tensor:
         """Loss of L2-normalised ``image`` and ``text`` features ``(B, D)``; row i pairs with i.
-        ``groups`` ``(B,)`` int: negatives only within a row's group (see the module doc)."""
+        ``groups`` ``(B,)`` int: negatives only within a row's group; ``extra_image`` /
+        ``extra_text`` ``(N, D)``: more negatives (see the module doc)."""
+        _check_extras(groups, extra_image, extra_text)
         all_image, offset = gather_features(image)
         all_text, _ = gather_features(text)
         scale = self.scale()
@@ -121,6 +135,10 @@ class ClipLoss(nn.Module):
         if other is not None:  # the positive (same pair, same group) is never masked
             logits_image = logits_image.masked_fill(other, float("-inf"))
             logits_text = logits_text.masked_fill(other, float("-inf"))
+        if extra_text is not None:  # (B, W*B + N): the extra columns come after the batch's
+            logits_image = torch.cat([logits_image, scale * image @ extra_text.T], dim=1)
+        if extra_image is not None:
+            logits_text = torch.cat([logits_text, scale * text @ extra_image.T], dim=1)
         labels = torch.arange(image.shape[0], device=image.device) + offset
         return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
@@ -144,9 +162,19 @@ class SigLipLoss(nn.Module):
     def scale(self) -> Tensor:
         return self.logit_scale.exp().clamp(max=self.max_scale)
 
-    def forward(self, image: Tensor, text: Tensor, groups: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        image: Tensor,
+        text: Tensor,
+        groups: Tensor | None = None,
+        extra_image: Tensor | None = None,
+        extra_text: Tensor | None = None,
+    ) -> Tensor:
         """Loss of L2-normalised ``image`` and ``text`` features ``(B, D)``; row i pairs with i.
-        ``groups`` ``(B,)`` int: negatives only within a row's group (see the module doc)."""
+        ``groups`` ``(B,)`` int: negatives only within a row's group; ``extra_image`` /
+        ``extra_text`` ``(N, D)``: more negative pairs (local images x extra reports, extra
+        images x local reports), see the module doc."""
+        _check_extras(groups, extra_image, extra_text)
         all_text, offset = gather_features(text)
         logits = self.scale() * image @ all_text.T + self.logit_bias  # (B, W*B)
         b = image.shape[0]
@@ -157,7 +185,18 @@ class SigLipLoss(nn.Module):
         other = _other_group(groups)
         if other is not None:
             terms = terms.masked_fill(other, 0.0)
-        return terms.sum() / b
+        total = terms.sum()
+        for rows, cols in ((image, extra_text), (text, extra_image)):
+            if cols is not None:  # negatives only: label -1
+                total = (
+                    total - F.logsigmoid(-(self.scale() * rows @ cols.T + self.logit_bias)).sum()
+                )
+        return total / b
+
+
+def _check_extras(groups: Tensor | None, *extras: Tensor | None) -> None:
+    if groups is not None and any(e is not None for e in extras):
+        raise ValueError("extra negatives and negatives within a group do not combine")
 
 
 def build_contrastive_loss(kind: str) -> ClipLoss | SigLipLoss:
