@@ -39,6 +39,9 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
     n = stages["evaluate"]["heldout_studies"]
     # identical reports (findings and conclusion only) count as one: chance is at least 1/n
     assert 1.0 / n - 1e-9 <= pretrain["chance_r1"] <= 1.0
+    assert pretrain["retrieval_r1_over_chance"] == pytest.approx(
+        pretrain["retrieval_r1"] / pretrain["chance_r1"]
+    )
     for key in ("retrieval_r1", "retrieval_r1_random_init"):
         assert 0.0 <= pretrain[key] <= 1.0
 
