@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
+import warnings
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -254,6 +255,13 @@ class PretrainModule(L.LightningModule):
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=bs)
         return losses["loss"]
+
+    def on_fit_start(self) -> None:
+        if self.text.cfg.freeze:
+            # A locked text tower stays in eval mode (no dropout) by design: Lightning's caution
+            # about modules in eval mode at the start of training would only alarm. Other
+            # modules in eval mode would still be named by it when the tower is trainable.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Throughput from batch start to batch start: includes data loading, which is the point.
