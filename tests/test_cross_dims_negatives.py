@@ -35,7 +35,7 @@ def test_the_other_dimensionality_joins_as_negatives() -> None:
     assert not any(v.requires_grad for pair in module._last_batch_of.values() for v in pair)
 
 
-def test_off_by_default_and_not_in_checkpoints() -> None:
+def test_off_by_default_and_outside_the_state_dict() -> None:
     torch.manual_seed(0)
     module = tiny_module(mask_ratio=0.0).train()
     module.compute_losses(_batch(2), mask_ratio=0.0)

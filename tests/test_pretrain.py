@@ -73,15 +73,18 @@ class StandInDataModule(L.LightningDataModule):
 class StepLoader:
     """An endless stand-in for a streaming loader: batch ``i`` is a fixed function of ``i``."""
 
-    def __init__(self, start: int, n: int = 16, batch_size: int = 4):
+    def __init__(self, start: int, n: int = 16, batch_size: int = 4, mixed: bool = False):
         self.data, self.batch_size, self.start = PairDataset(n), batch_size, start
+        # mixed: odd steps are 2D batches, as a stream of both dimensionalities gives them
+        self.data_2d = PairDataset(n, dims=2, side=32) if mixed else None
 
     def __iter__(self):
         step = self.start
         while True:
             idx = [(step * self.batch_size + j) % len(self.data) for j in range(self.batch_size)]
+            data = self.data_2d if self.data_2d is not None and step % 2 else self.data
             step += 1
-            yield collate([self.data[i] for i in idx])
+            yield collate([data[i] for i in idx])
 
 
 class StepDataModule(L.LightningDataModule):
@@ -91,8 +94,12 @@ class StepDataModule(L.LightningDataModule):
     be one batch ahead: Lightning prefetches a batch before it saves the state.)
     """
 
+    def __init__(self, mixed: bool = False) -> None:
+        super().__init__()
+        self.mixed = mixed
+
     def train_dataloader(self) -> StepLoader:
-        return StepLoader(start=self.trainer.global_step)
+        return StepLoader(start=self.trainer.global_step, mixed=self.mixed)
 
 
 def tiny_module(**overrides) -> PretrainModule:
@@ -141,14 +148,22 @@ def _params(module: L.LightningModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tiny_yaml_options", [False, True])
+def test_resume_equals_an_uninterrupted_run(tmp_path: Path, tiny_yaml_options: bool) -> None:
+    # with tiny.yaml's options: 2D and 3D batches, per-dimensionality statistics and the last
+    # batch of the other dimensionality as negatives, which the checkpoint must carry
+    options = (
+        {"proj_norm": "batchnorm", "cross_dims_negatives": True, "contrastive_masked": False}
+        if tiny_yaml_options
+        else {}
+    )
     L.seed_everything(0)
-    straight = tiny_module(max_steps=8)
-    trainer(8).fit(straight, datamodule=StepDataModule())
+    straight = tiny_module(max_steps=8, **options)
+    trainer(8).fit(straight, datamodule=StepDataModule(tiny_yaml_options))
 
     # The checkpoint is written as a run writes it: by ModelCheckpoint, mid-epoch, at step 4.
     L.seed_everything(0)
-    first_half = tiny_module(max_steps=8)
+    first_half = tiny_module(max_steps=8, **options)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="half", every_n_train_steps=4)
     t = L.Trainer(
         max_steps=4,
@@ -158,19 +173,28 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    t.fit(first_half, datamodule=StepDataModule())
+    t.fit(first_half, datamodule=StepDataModule(tiny_yaml_options))
     ckpt = tmp_path / "half.ckpt"
     assert ckpt.is_file()
+    held = torch.load(ckpt, weights_only=True).get("cross_dims_negatives")
+    assert (held is not None and set(held) == {"2", "3"}) is tiny_yaml_options
 
     L.seed_everything(1)  # a fresh process: other initial weights, other RNG state
-    resumed = tiny_module(max_steps=8)
+    resumed = tiny_module(max_steps=8, **options)
     t2 = trainer(8, tmp_path)
-    t2.fit(resumed, datamodule=StepDataModule(), ckpt_path=ckpt)
+    t2.fit(resumed, datamodule=StepDataModule(tiny_yaml_options), ckpt_path=ckpt)
     assert t2.global_step == 8
     a, b = _params(straight), _params(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+    if tiny_yaml_options:  # the held negatives matter: without them the resumed run differs
+        L.seed_everything(1)
+        forgetful = tiny_module(max_steps=8, **options)
+        forgetful.on_load_checkpoint = lambda checkpoint: None  # type: ignore[method-assign]
+        trainer(8, tmp_path).fit(forgetful, datamodule=StepDataModule(True), ckpt_path=ckpt)
+        c = _params(forgetful)
+        assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     assert not torch.allclose(a["vision.cls_token"], _params(first_half)["vision.cls_token"])
 
 
