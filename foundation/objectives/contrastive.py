@@ -102,12 +102,16 @@ def _other_group(groups: Tensor | None) -> Tensor | None:
     return groups[:, None] != gather_groups(groups)[None, :]
 
 
-class ClipLoss(nn.Module):
-    """Symmetric InfoNCE with a learnable temperature (``logit_scale = log(1/T)``, T >= 0.01)."""
+Extra = tuple[Tensor | None, Tensor | None]  # (extra images, extra reports), each (N, D)
 
-    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
+
+class ContrastiveLoss(nn.Module):
+    """What CLIP and SigLIP share: a learnable ``logit_scale`` clamped at ``max_scale`` and the
+    call ``loss(image, text, groups=None, extra_image=None, extra_text=None)``."""
+
+    def __init__(self, init_scale: float, max_scale: float = 100.0):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
         self.max_scale = max_scale
 
     def scale(self) -> Tensor:
@@ -124,8 +128,23 @@ class ClipLoss(nn.Module):
     ) -> Tensor:
         """Loss of L2-normalised ``image`` and ``text`` features ``(B, D)``; row i pairs with i.
         ``groups`` ``(B,)`` int: negatives only within a row's group; ``extra_image`` /
-        ``extra_text`` ``(N, D)``: more negatives (see the module doc)."""
-        _check_extras(groups, extra_image, extra_text)
+        ``extra_text`` ``(N, D)``: more negatives, never a positive (see the module doc)."""
+        if groups is not None and (extra_image is not None or extra_text is not None):
+            raise ValueError("extra negatives and negatives within a group do not combine")
+        return self._loss(image, text, groups, (extra_image, extra_text))
+
+    def _loss(self, image: Tensor, text: Tensor, groups: Tensor | None, extra: Extra) -> Tensor:
+        raise NotImplementedError
+
+
+class ClipLoss(ContrastiveLoss):
+    """Symmetric InfoNCE with a learnable temperature (``logit_scale = log(1/T)``, T >= 0.01)."""
+
+    def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0):
+        super().__init__(1.0 / init_temperature, max_scale)
+
+    def _loss(self, image: Tensor, text: Tensor, groups: Tensor | None, extra: Extra) -> Tensor:
+        extra_image, extra_text = extra
         all_image, offset = gather_features(image)
         all_text, _ = gather_features(text)
         scale = self.scale()
@@ -143,7 +162,7 @@ class ClipLoss(nn.Module):
         return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ContrastiveLoss):
     """Pairwise sigmoid loss (SigLIP) with learnable scale ``t`` and bias ``b``.
 
     Every (image, report) pair is an independent binary problem (positive on the diagonal), so
@@ -154,27 +173,13 @@ class SigLipLoss(nn.Module):
     def __init__(
         self, init_scale: float = 10.0, init_bias: float = -10.0, max_scale: float = 100.0
     ):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        super().__init__(init_scale, max_scale)
         self.logit_bias = nn.Parameter(torch.tensor(init_bias))
-        self.max_scale = max_scale
 
-    def scale(self) -> Tensor:
-        return self.logit_scale.exp().clamp(max=self.max_scale)
-
-    def forward(
-        self,
-        image: Tensor,
-        text: Tensor,
-        groups: Tensor | None = None,
-        extra_image: Tensor | None = None,
-        extra_text: Tensor | None = None,
-    ) -> Tensor:
-        """Loss of L2-normalised ``image`` and ``text`` features ``(B, D)``; row i pairs with i.
-        ``groups`` ``(B,)`` int: negatives only within a row's group; ``extra_image`` /
-        ``extra_text`` ``(N, D)``: more negative pairs (local images x extra reports, extra
-        images x local reports), see the module doc."""
-        _check_extras(groups, extra_image, extra_text)
+    def _loss(self, image: Tensor, text: Tensor, groups: Tensor | None, extra: Extra) -> Tensor:
+        # extra pairs are negatives only (label -1): local images x extra reports, extra
+        # images x local reports
+        extra_image, extra_text = extra
         all_text, offset = gather_features(text)
         logits = self.scale() * image @ all_text.T + self.logit_bias  # (B, W*B)
         b = image.shape[0]
@@ -192,11 +197,6 @@ class SigLipLoss(nn.Module):
                     total - F.logsigmoid(-(self.scale() * rows @ cols.T + self.logit_bias)).sum()
                 )
         return total / b
-
-
-def _check_extras(groups: Tensor | None, *extras: Tensor | None) -> None:
-    if groups is not None and any(e is not None for e in extras):
-        raise ValueError("extra negatives and negatives within a group do not combine")
 
 
 def build_contrastive_loss(kind: str) -> ClipLoss | SigLipLoss:
