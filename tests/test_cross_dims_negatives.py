@@ -27,12 +27,14 @@ def test_the_other_dimensionality_joins_as_negatives() -> None:
     # detached: the held batch's graph is gone, the gradient reaches this batch's towers only
     ct["loss"].backward()
     assert module.vision.patch_embed_3d.weight.grad.abs().sum() > 0
+    assert not any(v.requires_grad for pair in module._last_batch_of.values() for v in pair)
     # evaluation neither reads nor updates what training holds
     module.eval()
     with torch.no_grad():
         val = module.compute_losses(_batch(3), mask_ratio=0.0)
     assert torch.allclose(val["loss_contrastive"], module.contrastive(val["_img"], val["_txt"]))
-    assert not any(v.requires_grad for pair in module._last_batch_of.values() for v in pair)
+    assert torch.equal(module._last_batch_of[3][0], ct["_img"])
+    assert torch.equal(module._last_batch_of[2][1], first["_txt"])
 
 
 def test_off_by_default_and_outside_the_state_dict() -> None:

@@ -381,3 +381,19 @@ def test_no_cloud_tracker_tip_in_training_logs(caplog):
         rank_zero_info("GPU available: False")
     assert "litlogger" not in caplog.text
     assert "GPU available" in caplog.text
+
+
+def test_a_locked_text_tower_does_not_alarm_but_a_stray_eval_module_does() -> None:
+    import warnings
+
+    def eval_mode_warnings(module: PretrainModule) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(1).fit(module, StandInDataModule())
+        return [str(w.message) for w in caught if "in eval mode" in str(w.message)]
+
+    locked = {"preset": "tiny", "vocab_size": VOCAB, "dropout": 0.0, "freeze": True}
+    assert eval_mode_warnings(tiny_module(text=locked)) == []
+    stray = tiny_module(text=locked)
+    stray.vision.blocks[0].eval()  # a mistake the warning exists for
+    assert len(eval_mode_warnings(stray)) == 1

@@ -33,8 +33,9 @@ DEFAULT_SIZE = {2: (224, 224), 3: (96, 96, 96)}
 
 def same_text(texts: Sequence[str]) -> np.ndarray:
     """``(n, n)`` bool: True where two reports read the same (whitespace runs aside)."""
-    keys = [" ".join(t.split()) for t in texts]
-    return np.array([[a == b for b in keys] for a in keys], dtype=bool)
+    ids: dict[str, int] = {}
+    codes = np.array([ids.setdefault(" ".join(t.split()), len(ids)) for t in texts])
+    return codes[:, None] == codes[None, :]
 
 
 def recall_at_k(
@@ -206,8 +207,9 @@ def evaluate_retrieval(
             raise ValueError(f"{manifest}: no study with an image and a report to retrieve")
         texts = [select_sections(reports[s], report_sections) for s in studies]
         txt = torch.zeros_like(img)
-        # a report is encoded for the dimensionality of its study's images (the projection
-        # may keep statistics per dimensionality: foundation.models.projection)
+        # a report is encoded for the dimensionality of its own study's images (the projection
+        # may keep statistics per dimensionality: foundation.models.projection); so this
+        # retrieval takes each report's exam type as known, as its DICOM header makes it
         for dims in sorted(set(dims_of)):
             rows = [i for i, d in enumerate(dims_of) if d == dims]
             for i in range(0, len(rows), batch_size):

@@ -258,11 +258,16 @@ class PretrainModule(L.LightningModule):
         return losses["loss"]
 
     def on_fit_start(self) -> None:
-        if self.text.cfg.freeze:
-            # A locked text tower stays in eval mode (no dropout) by design: Lightning's caution
-            # about modules in eval mode at the start of training would only alarm. Other
-            # modules in eval mode would still be named by it when the tower is trainable.
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        # A locked text tower stays in eval mode (no dropout) by design: Lightning's caution
+        # about modules in eval mode at the start of training would only alarm. Silenced for
+        # exactly that count, and only when every module in eval mode is the tower's, so any
+        # other module left in eval mode is still reported.
+        idle = [m for m in self.modules() if not m.training]
+        tower = set(map(id, self.text.modules()))
+        if self.text.cfg.freeze and idle and all(id(m) in tower for m in idle):
+            warnings.filterwarnings(
+                "ignore", message=rf"Found {len(idle)} module\(s\) in eval mode"
+            )
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         # Throughput from batch start to batch start: includes data loading, which is the point.
