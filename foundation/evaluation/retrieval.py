@@ -33,9 +33,14 @@ DEFAULT_SIZE = {2: (224, 224), 3: (96, 96, 96)}
 
 def same_text(texts: Sequence[str]) -> np.ndarray:
     """``(n, n)`` bool: True where two reports read the same (whitespace runs aside)."""
-    ids: dict[str, int] = {}
-    codes = np.array([ids.setdefault(" ".join(t.split()), len(ids)) for t in texts])
+    codes = _text_codes(texts)
     return codes[:, None] == codes[None, :]
+
+
+def _text_codes(texts: Sequence[str]) -> np.ndarray:
+    """One integer per distinct report text (whitespace runs aside), in order of appearance."""
+    ids: dict[str, int] = {}
+    return np.array([ids.setdefault(" ".join(t.split()), len(ids)) for t in texts], dtype=int)
 
 
 def recall_at_k(
@@ -229,6 +234,6 @@ def evaluate_retrieval(
         sim, modalities, same
     )
     out["n"] = n
-    out["distinct_reports"] = len({" ".join(t.split()) for t in texts})
+    out["distinct_reports"] = int(_text_codes(texts).max(initial=-1) + 1)
     out["chance_r1"] = chance_r1(same, n)
     return out
