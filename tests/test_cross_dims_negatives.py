@@ -49,3 +49,22 @@ def test_off_by_default_and_outside_the_state_dict() -> None:
     assert on._last_batch_of and list(on.state_dict()) == list(module.state_dict())
     with pytest.raises(ValueError, match="cross_dims_negatives"):
         tiny_module(cross_dims_negatives=True, negatives="same_modality")
+
+
+def test_the_checkpoint_entry_holds_embeddings_only(tmp_path) -> None:
+    # privacy: what the checkpoint carries for resume is numbers, never a key, study or patient
+    torch.manual_seed(0)
+    module = tiny_module(cross_dims_negatives=True, mask_ratio=0.0).train()
+    batch = _batch(2)
+    module.compute_losses(batch, mask_ratio=0.0)
+    ckpt: dict = {}
+    module.on_save_checkpoint(ckpt)
+    held = ckpt["cross_dims_negatives"]
+    assert set(held) == {"2"}
+    for tensor in held["2"]:
+        assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+        assert tensor.shape == (len(batch["key"]), 32)
+    path = tmp_path / "c.pt"
+    torch.save(ckpt, path)
+    raw = path.read_bytes()
+    assert not any(s.encode() in raw for s in [*batch["key"], *batch["patient"]])
