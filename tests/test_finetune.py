@@ -306,19 +306,26 @@ def test_probe_suite_compares_pretrained_and_random(
         overrides={"data.image_size": None, "train.probe_steps": 60, "split.fractions": [0.5, 0.2, 0.3]},
     )  # fmt: skip
     assert set(results) == {"cardiothoracic_ratio", "cardiomegaly", "calcium_score"}
+    headline = {"cardiomegaly": "auroc", "cardiothoracic_ratio": "mae", "calcium_score": "mae_log1p"}
     for name, r in results.items():
-        assert r["metric"] == ("auroc" if name == "cardiomegaly" else "mae")
+        assert r["metric"] == headline[name]
         for init in ("pretrained", "random_init"):
             assert math.isfinite(r[init])
             lo, hi = r[f"{init}_ci"]
             assert lo <= hi
+    # the calcium headline is the log1p-scale MAE of the predictions in Agatston units
+    calcium = results["calcium_score"]["metrics"]["pretrained"]
+    assert calcium["mae_log1p"]["value"] == results["calcium_score"]["pretrained"]
+    assert calcium["mae"]["value"] > calcium["mae_log1p"]["value"]  # both reported
     # Two encoders x two modalities = four passes; the XR tasks share theirs through the cache.
     n_xr = sum(1 + (i % 3 == 0) for i in range(N_PATIENTS))
     assert len(calls) == 2 * (n_xr + N_PATIENTS)
     assert len(list((out / "embedding_cache").glob("*.npz"))) == 4
     md = (out / "results.md").read_text()
     assert "| cardiomegaly | auroc" in md and "random init" in md
-    assert json.loads((out / "results.json").read_text())["calcium_score"]["metric"] == "mae"
+    assert "| calcium_score | mae_log1p (lower is better)" in md and "| mae_log1p |" in md
+    assert "| mae_log1p |" not in md.split("## cardiothoracic_ratio")[1].split("##")[0]
+    assert json.loads((out / "results.json").read_text())["calcium_score"]["metric"] == "mae_log1p"
     for png in ("cardiothoracic_ratio.png", "cardiomegaly.png", "calcium_score.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     for path, data in _all_bytes(out):

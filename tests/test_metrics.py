@@ -145,6 +145,37 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate() -> None:
     assert big[1] - big[0] < hi - lo
 
 
+def test_log1p_metrics_of_a_heavy_tailed_target() -> None:
+    # scores 0, 9, 99, 999; predictions off by a factor of 10 on the small ones and exact on
+    # the tail: log1p errors 0, ln 10 / ~ln 10, 0 by hand
+    y = np.array([0.0, 9.0, 99.0, 999.0])
+    p = np.array([0.0, 99.0, 9.0, 999.0])
+    m = evaluate_predictions("regression", y, p, n_bootstrap=50, target_transform="log1p")
+    assert m["mae"]["value"] == pytest.approx(180 / 4)  # the original units stay
+    assert m["mae_log1p"]["value"] == pytest.approx(2 * math.log(10) / 4)
+    assert m["pearson_log1p"]["value"] == pytest.approx(pearson(np.log1p(y), np.log1p(p)))
+    lo, hi = m["mae_log1p"]["ci"]
+    assert lo <= m["mae_log1p"]["value"] <= hi
+    # a negative prediction (a head's linear output) counts as 0, as the decoded head clamps
+    neg = evaluate_predictions("regression", y, p - 100, n_bootstrap=0, target_transform="log1p")
+    assert neg["rmse_log1p"]["value"] == pytest.approx(
+        rmse(np.log1p(y), np.log1p(np.clip(p - 100, 0, None)))
+    )
+    assert "mae_log1p" not in evaluate_predictions("regression", y, p, n_bootstrap=0)
+
+
+def test_a_task_names_its_headline_metric() -> None:
+    from foundation.models.heads import TaskSpec
+
+    assert TaskSpec("ctr").metric == "mae" and TaskSpec("c", "binary").metric == "auroc"
+    log = TaskSpec("calcium", target_transform="log1p", metric="mae_log1p")
+    assert log.metric == "mae_log1p"
+    with pytest.raises(ValueError, match="metric must be one of"):
+        TaskSpec("ctr", metric="mae_log1p")  # not fitted on log1p: no such metric
+    with pytest.raises(ValueError, match="metric must be one of"):
+        TaskSpec("c", "binary", metric="mae")
+
+
 # ---- retrieval --------------------------------------------------------------------------------
 def test_recall_at_k() -> None:
     sim = np.array([[0.9, 0.1, 0.2], [0.8, 0.5, 0.1], [0.3, 0.4, 0.2]])

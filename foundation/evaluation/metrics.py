@@ -31,7 +31,21 @@ PRIMARY_METRIC: dict[str, str] = {
     "multiclass": "auroc",
     "multilabel": "auroc",
 }
-LOWER_IS_BETTER: frozenset[str] = frozenset({"mae", "rmse"})
+# Regression metrics on the log1p scale too, for targets fitted there (``target_transform:
+# log1p``). A heavy-tailed score's error in its own units is the error on its tail: on the
+# synthetic cohort, ridge on features that rank coronary calcium (Spearman 0.73 on 146 CT
+# series, 5 folds) has the constant's Agatston MAE (317.5 vs 317.3) and a third less log1p MAE.
+LOG1P_SUFFIX = "_log1p"
+LOWER_IS_BETTER: frozenset[str] = frozenset({"mae", "rmse", "mae_log1p", "rmse_log1p"})
+
+
+def task_metrics(task_type: str, target_transform: str | None = None) -> tuple[str, ...]:
+    """The metrics reported for a task: its type's, plus their log1p versions for regression
+    targets fitted as ``log1p``."""
+    names = TASK_METRICS[task_type]
+    if task_type == "regression" and target_transform == "log1p":
+        names = names + tuple(n + LOG1P_SUFFIX for n in names)
+    return names
 
 
 # ---- regression -------------------------------------------------------------------------------
@@ -210,13 +224,26 @@ def evaluate_predictions(
     n_bootstrap: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    target_transform: str | None = None,
 ) -> dict[str, dict[str, float | list[float]]]:
-    """``{metric: {"value": x, "ci": [lo, hi]}}`` with a seeded percentile bootstrap."""
-    values = compute_metrics(task_type, y_true, y_pred)
+    """``{metric: {"value": x, "ci": [lo, hi]}}`` with a seeded percentile bootstrap.
+
+    ``target_transform="log1p"`` (regression): also every metric on ``log1p`` of both sides,
+    named with ``_log1p``, its interval from the same resamples."""
+    log = task_type == "regression" and target_transform == "log1p"
+
+    def metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+        out = compute_metrics(task_type, a, b)
+        if log:
+            la, lb = (np.log1p(np.clip(np.asarray(v, float), 0.0, None)) for v in (a, b))
+            out |= {k + LOG1P_SUFFIX: v for k, v in compute_metrics(task_type, la, lb).items()}
+        return out
+
+    values = metrics(y_true, y_pred)
     cis: dict[str, tuple[float, float]] = {}
     if n_bootstrap > 0 and len(np.asarray(y_true)) > 1:
         cis = bootstrap_ci(
-            lambda a, b: compute_metrics(task_type, a, b),
+            metrics,
             y_true,
             y_pred,
             n=n_bootstrap,

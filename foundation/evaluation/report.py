@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from foundation.evaluation.metrics import LOWER_IS_BETTER, TASK_METRICS, roc_curve
+from foundation.evaluation.metrics import LOWER_IS_BETTER, roc_curve, task_metrics
 
 INITS: tuple[tuple[str, str], ...] = (("pretrained", "pretrained"), ("random_init", "random init"))
 
@@ -56,7 +56,7 @@ def results_markdown(summary: dict[str, dict[str, Any]], title: str = "Biomarker
             "| metric | pretrained | random init | mean predictor |",
             "| --- | --- | --- | --- |",
         ]
-        for metric in TASK_METRICS[r["type"]]:
+        for metric in task_metrics(r["type"], r.get("target_transform")):
             cells = []
             for init in (*(i for i, _ in INITS), "baseline"):
                 m = (r.get("metrics") or {}).get(init, {}).get(metric)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from foundation.evaluation.metrics import PRIMARY_METRIC, TASK_TYPES
+from foundation.evaluation.metrics import PRIMARY_METRIC, TASK_TYPES, task_metrics
 
 POOLINGS: tuple[str, ...] = ("cls", "mean", "attention")
 TARGET_TRANSFORMS: tuple[str | None, ...] = (None, "none", "log1p")
@@ -36,6 +36,8 @@ class TaskSpec:
     columns: list[str] | None = None  # multilabel: one 0/1 column per label
     classes: list[Any] | None = None  # multiclass: class values in index order
     target_transform: str | None = None  # None | "log1p" (regression only)
+    # compared between encoders; log1p tasks also have mae_log1p, rmse_log1p, r2_log1p, ...
+    metric: str | None = None  # headline metric (default mae / auroc by type)
     hidden: int = 0  # 0: linear head; >0: MLP with one hidden layer of this width
     dropout: float = 0.0
     weight: float = 1.0  # share of this task in the multi-task loss
@@ -52,6 +54,10 @@ class TaskSpec:
         if self.type == "multilabel" and not self.columns:
             raise ValueError(f"task {self.name!r}: a multilabel task needs 'columns'")
         self.column = self.column or self.name
+        self.metric = self.metric or PRIMARY_METRIC[self.type]
+        allowed = task_metrics(self.type, self.target_transform)
+        if self.metric not in allowed:
+            raise ValueError(f"task {self.name!r}: metric must be one of {allowed}")
 
     @property
     def label_columns(self) -> list[str]:
@@ -66,10 +72,6 @@ class TaskSpec:
                 raise ValueError(f"task {self.name!r}: classes are not known yet")
             return len(self.classes)
         return len(self.columns or [])
-
-    @property
-    def metric(self) -> str:
-        return PRIMARY_METRIC[self.type]
 
     # ---- targets: table values <-> training tensors ------------------------------------------
     def encode(self, row: dict[str, Any]) -> list[float]:

@@ -306,9 +306,13 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
         if t.type in ("regression", "binary"):
             y_pred = y_pred.reshape(len(studies))
         ev = cfg.eval
-        metrics = evaluate_predictions(
-            t.type, y_true, y_pred, n_bootstrap=ev.n_bootstrap, seed=ev.seed, level=ev.level
-        )
+        scoring: dict[str, Any] = {
+            "n_bootstrap": ev.n_bootstrap,
+            "seed": ev.seed,
+            "level": ev.level,
+            "target_transform": t.target_transform,
+        }
+        metrics = evaluate_predictions(t.type, y_true, y_pred, **scoring)
         tasks_out[t.name] = {
             "type": t.type,
             "metric": t.metric,
@@ -320,9 +324,7 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
         const = constant_predictions(t, result["rows"], split)
         if studies and all(s in const for s in studies):
             b_pred = np.array([const[s] for s in studies], float).reshape(y_pred.shape)
-            tasks_out[t.name]["baseline"] = evaluate_predictions(
-                t.type, y_true, b_pred, n_bootstrap=ev.n_bootstrap, seed=ev.seed, level=ev.level
-            )
+            tasks_out[t.name]["baseline"] = evaluate_predictions(t.type, y_true, b_pred, **scoring)
         pred_out[t.name] = {"study": studies, "y_true": y_true.tolist(), "y_pred": y_pred.tolist()}
     results = {
         "name": cfg.name,
