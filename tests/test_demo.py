@@ -46,7 +46,11 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
         assert 0.0 <= pretrain[key] <= 1.0
 
     assert set(stages["finetune"]) == {"calcium_score", "cardiothoracic_ratio", "cardiomegaly"}
-    headline = {"calcium_score": "mae_log1p", "cardiothoracic_ratio": "mae", "cardiomegaly": "auroc"}
+    headline = {
+        "calcium_score": "mae_log1p",
+        "cardiothoracic_ratio": "mae",
+        "cardiomegaly": "auroc",
+    }
     assert {name: task["metric"] for name, task in stages["finetune"].items()} == headline
     assert (out / "finetune" / "results.md").is_file()
 

@@ -25,6 +25,7 @@ from foundation.evaluation.retrieval import evaluate_retrieval
 from foundation.models.export import (
     CheckpointError,
     check_preprocessing,
+    load_encoder,
     load_state_into,
     load_vision_encoder,
 )
@@ -306,7 +307,11 @@ def test_probe_suite_compares_pretrained_and_random(
         overrides={"data.image_size": None, "train.probe_steps": 60, "split.fractions": [0.5, 0.2, 0.3]},
     )  # fmt: skip
     assert set(results) == {"cardiothoracic_ratio", "cardiomegaly", "calcium_score"}
-    headline = {"cardiomegaly": "auroc", "cardiothoracic_ratio": "mae", "calcium_score": "mae_log1p"}
+    headline = {
+        "cardiomegaly": "auroc",
+        "cardiothoracic_ratio": "mae",
+        "calcium_score": "mae_log1p",
+    }
     for name, r in results.items():
         assert r["metric"] == headline[name]
         for init in ("pretrained", "random_init"):
@@ -513,3 +518,34 @@ def test_multiclass_and_multilabel_keyed_by_study(
     probs = np.array(res["predictions"]["size"]["y_pred"])
     assert probs.shape[1] == 3 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert np.array(res["predictions"]["flags"]["y_pred"]).shape[1] == 2
+
+
+def test_the_cli_fine_tunes_and_exports(
+    cohort: dict, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`foundation finetune` and `foundation export` as a user types them."""
+    import yaml
+
+    from foundation.cli import main
+
+    key_file = tmp_path / "pseudonym.key"
+    key_file.write_text(SECRET.decode(), encoding="utf-8")
+    config = tmp_path / "heart.yaml"
+    config.write_text(yaml.safe_dump(_config(cohort, checkpoint, tmp_path / "ft")), "utf-8")
+    args = ["finetune", "--config", str(config), "--key-file", str(key_file)]
+    assert main([*args, "--set", "train.epochs=1", "--set", "split.seed=5"]) == 0
+    printed = capsys.readouterr().out
+    assert "cardiothoracic_ratio" in printed and "auroc" in printed
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == {"cardiothoracic_ratio", "cardiomegaly"}
+    assert json.loads((tmp_path / "ft" / "split.json").read_text())["seed"] == 5  # --set applied
+    for raw in cohort["raw_ids"]:
+        assert raw not in printed
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main([*args, "--set", "train.epochs"])
+
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "export")]) == 0
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["lineage"]["exclusion_version"] == "excl-1"
+    encoder = load_encoder(tmp_path / "export")
+    assert not encoder.training and encoder.cfg.patch_size_2d == 8  # the tiny module's

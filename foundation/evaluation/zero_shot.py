@@ -54,6 +54,11 @@ def retrieval_vs_random(
     data, lineage = _data_record(checkpoint)
     fraction = val_fraction if val_fraction is not None else float(data.get("val_fraction", 0.05))
     patients = heldout_patients(manifest, fraction, exclusion_list or data.get("exclusion_list"))
+    if not patients:  # retrieval on training patients would measure memory, not transfer
+        raise ValueError(
+            f"{checkpoint}: no held-out patient of {manifest} to retrieve on (validation share "
+            f"{fraction}); pretrain with data.val_fraction > 0, or pass a val_fraction"
+        )
     sizes = {
         3: tuple(data.get("crop_size_3d", (96, 96, 96))),
         2: tuple(data.get("crop_size_2d", (224, 224))),

@@ -1,0 +1,182 @@
+"""`foundation finetune|evaluate|export`: biomarker heads, their evaluation, encoder export.
+
+Register with ``add_parsers(sub)`` on the top-level sub-parsers; each sub-command sets
+``handler`` like the other stages of ``foundation.cli``, and imports its stage lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_key_option(p: argparse.ArgumentParser) -> None:
+    """``--key-file``: the pseudonymisation key (default ``$FOUNDATION_PSEUDONYM_KEY``)."""
+    p.add_argument(
+        "--key-file",
+        default=None,
+        help="file holding the pseudonymisation key (default: $FOUNDATION_PSEUDONYM_KEY)",
+    )
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``finetune``, ``evaluate`` and ``export`` to the ``foundation`` command."""
+    _add_finetune(sub)
+    _add_evaluate(sub)
+    _add_export(sub)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune / probe biomarker heads from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.manifest=path (repeatable)",
+    )
+    p.add_argument(
+        "--project", default=None, help="research project id: the dataset must be approved for it"
+    )
+    add_key_option(p)
+    p.set_defaults(handler=_run_finetune)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        dotted, value = pair.split("=", 1)
+        node = out
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k) or {}), v) if isinstance(v, dict) else v
+    return base
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from foundation.privacy.pseudonym import MissingKeyError, load_key
+    from foundation.progress import print_summary
+    from foundation.training.finetune import run_finetune
+
+    config = _merge(
+        yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}, _overrides(args.set)
+    )
+    from foundation.governance.projects import check_usable
+    from foundation.shards.manifest import Manifest
+
+    manifest_path = (config.get("data") or {}).get("manifest")
+    if manifest_path:  # refuse revoked/purged data, or data not approved for the project
+        from foundation.governance import audit
+
+        manifest = Manifest.load(manifest_path)
+        check_usable(manifest, args.project)
+        audit.append(
+            audit.default_log_path(manifest_path),
+            "finetune",
+            dataset=manifest.dataset,
+            dataset_version=manifest.version,
+            project=args.project,
+            config=str(args.config),
+        )
+    try:
+        key = load_key(args.key_file)
+    except MissingKeyError:
+        key = None  # label tables keyed by study pseudonym need no key
+    result = run_finetune(config, key)
+    rows = []
+    for name, task in result.get("tasks", {}).items():
+        m = task["metrics"][task["metric"]]
+        ci = m.get("ci")
+        rows.append(
+            (
+                name,
+                task["metric"],
+                f"{m['value']:.4f}",
+                f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-",
+            )
+        )
+    print_summary("finetune (test split)", rows, columns=("task", "metric", "value", "95% CI"))
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="zero-shot retrieval + probe suite, vs random init")
+    p.add_argument("--checkpoint", required=True, help="pretraining checkpoint (.ckpt)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    p.add_argument("--labels", default=None, help="label table for the probe suite")
+    p.add_argument("--task", action="append", default=[], help="finetune config (repeatable)")
+    p.add_argument("--exclusion-list", default=None)
+    p.add_argument("--out", required=True)
+    add_key_option(p)
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from foundation.evaluation.zero_shot import retrieval_vs_random
+    from foundation.progress import print_summary
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    retrieval = retrieval_vs_random(
+        args.checkpoint, args.manifest, args.tokenizer, exclusion_list=args.exclusion_list
+    )
+    (out / "retrieval.json").write_text(json.dumps(retrieval, indent=2) + "\n", encoding="utf-8")
+    rows = [
+        (k, f"{retrieval['pretrained'][k]:.3f}", f"{retrieval['random_init'][k]:.3f}")
+        for k in retrieval["pretrained"]
+        if k.startswith(("i2t", "t2i", "chance"))
+    ]
+    print_summary(
+        "zero-shot retrieval (held-out patients)",
+        rows,
+        columns=("recall", "pretrained", "random init"),
+    )
+    if args.labels and args.task:
+        from foundation.evaluation.probe import run_probe_suite
+        from foundation.privacy.pseudonym import load_key
+
+        run_probe_suite(
+            args.checkpoint,
+            args.manifest,
+            args.labels,
+            args.task,
+            load_key(args.key_file),
+            out / "probes",
+        )
+        print(f"probe suite written to {out / 'probes' / 'results.md'}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export encoders as safetensors + JSON config")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (exports the text tower)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from foundation.models.export import export_encoder
+
+    out = export_encoder(args.checkpoint, args.out, tokenizer_dir=args.tokenizer)
+    print(f"exported to {out} (load with foundation.models.export.load_encoder)")
+    return 0

@@ -1,0 +1,67 @@
+"""`foundation evaluate` as a user types it: retrieval and the probe suite of a pretraining run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_cluster import REPO, TINY_CONFIG, tiny_dataset, tiny_overrides, tiny_run  # noqa: F401
+
+from foundation.cli import main
+
+
+def _pretrain(dataset, run_dir: Path, val_fraction: float) -> Path:
+    from foundation.training.launch import main as pretrain
+
+    pretrain(
+        [
+            f"--config={TINY_CONFIG}",
+            *tiny_overrides(dataset),
+            f"--data.val_fraction={val_fraction}",  # after tiny_overrides' 0: this one wins
+            f"--run_dir={run_dir}",
+            "--trainer.max_steps=2",
+            "--model.max_steps=10",
+            "--model.warmup_steps=1",
+        ]
+    )
+    return sorted(run_dir.rglob("*.ckpt"))[-1]
+
+
+def test_retrieval_without_held_out_patients_says_so(tiny_dataset, tiny_run):  # noqa: F811
+    from foundation.evaluation.zero_shot import retrieval_vs_random
+
+    checkpoint = sorted(Path(tiny_run).rglob("*.ckpt"))[-1]  # trained with val_fraction 0
+    with pytest.raises(ValueError, match=r"no held-out patient .* data\.val_fraction > 0"):
+        retrieval_vs_random(checkpoint, tiny_dataset.manifest, tiny_dataset.tokenizer_dir)
+
+
+def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  # noqa: F811
+    checkpoint = _pretrain(tiny_dataset, tmp_path / "run", val_fraction=0.5)
+    task = yaml.safe_load((REPO / "configs/finetune/cardiothoracic_ratio.yaml").read_text())
+    task["data"]["image_size"] = [32, 32]  # the run's 2D crop
+    task_file = tmp_path / "ctr.yaml"
+    task_file.write_text(yaml.safe_dump(task), encoding="utf-8")
+    out = tmp_path / "eval"
+    args = [
+        "evaluate",
+        f"--checkpoint={checkpoint}",
+        f"--manifest={tiny_dataset.manifest}",
+        f"--tokenizer={tiny_dataset.tokenizer_dir}",
+        f"--labels={tiny_dataset.root / 'cohort' / 'labels.csv'}",
+        f"--task={task_file}",
+        f"--key-file={tiny_dataset.key_file}",
+        f"--out={out}",
+    ]
+    assert main(args) == 0
+    retrieval = json.loads((out / "retrieval.json").read_text())
+    for init in ("pretrained", "random_init"):
+        assert 0.0 <= retrieval[init]["i2t_r1"] <= 1.0 and retrieval[init]["n"] > 0
+    assert "zero-shot retrieval" in capsys.readouterr().out
+    results = json.loads((out / "probes" / "results.json").read_text())
+    assert results["cardiothoracic_ratio"]["metric"] == "mae"
+    assert "| cardiothoracic_ratio | mae" in (out / "probes" / "results.md").read_text()
+    # the key never reaches what the command writes
+    secret = tiny_dataset.key_file.read_text().strip().encode()
+    assert all(secret not in p.read_bytes() for p in out.rglob("*") if p.is_file())
