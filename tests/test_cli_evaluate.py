@@ -10,6 +10,10 @@ import yaml
 from fixtures_cluster import REPO, TINY_CONFIG, tiny_dataset, tiny_overrides, tiny_run  # noqa: F401
 
 from foundation.cli import main
+from foundation.data.stream import in_val_split
+from foundation.governance import audit
+from foundation.governance.projects import ProjectNotApprovedError
+from foundation.shards.manifest import Manifest
 
 
 def _pretrain(dataset, run_dir: Path, val_fraction: float) -> Path:
@@ -26,7 +30,19 @@ def _pretrain(dataset, run_dir: Path, val_fraction: float) -> Path:
             "--model.warmup_steps=1",
         ]
     )
-    return sorted(run_dir.rglob("*.ckpt"))[-1]
+    checkpoints = sorted(run_dir.rglob("*.ckpt"))
+    assert checkpoints, f"the pretraining of {run_dir} (val_fraction {val_fraction}) saved nothing"
+    return checkpoints[-1]
+
+
+def _a_split(manifest: Path) -> float:
+    """A validation share that holds out some but not all of the few patients (the split is a
+    hash of pseudonyms made under a fresh key each session)."""
+    patients = Manifest.load(manifest).patients()
+    held = {s: sum(in_val_split(p, s) for p in patients) for s in (i / 20 for i in range(1, 20))}
+    usable = [s for s, n in held.items() if 0 < n < len(patients)]
+    assert usable, f"no share splits these {len(patients)} patients"
+    return min(usable, key=lambda s: abs(held[s] - len(patients) / 2))  # about half each side
 
 
 def test_retrieval_without_held_out_patients_says_so(tiny_dataset, tiny_run):  # noqa: F811
@@ -38,7 +54,7 @@ def test_retrieval_without_held_out_patients_says_so(tiny_dataset, tiny_run):  #
 
 
 def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  # noqa: F811
-    checkpoint = _pretrain(tiny_dataset, tmp_path / "run", val_fraction=0.5)
+    checkpoint = _pretrain(tiny_dataset, tmp_path / "run", _a_split(tiny_dataset.manifest))
     task = yaml.safe_load((REPO / "configs/finetune/cardiothoracic_ratio.yaml").read_text())
     task["data"]["image_size"] = [32, 32]  # the run's 2D crop
     task_file = tmp_path / "ctr.yaml"
@@ -54,7 +70,13 @@ def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  #
         f"--key-file={tiny_dataset.key_file}",
         f"--out={out}",
     ]
+    # a dataset not approved for the project named is refused before anything runs
+    with pytest.raises(ProjectNotApprovedError, match="not approved for project P9"):
+        main([*args, "--project=P9"])
+    assert not out.exists()
     assert main(args) == 0
+    uses = [e for e in audit.read(audit.default_log_path(tiny_dataset.manifest))]
+    assert uses[-1]["action"] == "evaluate" and uses[-1]["checkpoint"] == str(checkpoint)
     retrieval = json.loads((out / "retrieval.json").read_text())
     for init in ("pretrained", "random_init"):
         assert 0.0 <= retrieval[init]["i2t_r1"] <= 1.0 and retrieval[init]["n"] > 0

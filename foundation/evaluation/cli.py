@@ -64,6 +64,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def _check_usable_and_audit(manifest_path: str, project: str | None, action: str, **extra) -> None:
+    """Refuse revoked or purged data, or data not approved for ``project``; log the use."""
+    from foundation.governance import audit
+    from foundation.governance.projects import check_usable
+    from foundation.shards.manifest import Manifest
+
+    manifest = Manifest.load(manifest_path)
+    check_usable(manifest, project)
+    audit.append(
+        audit.default_log_path(manifest_path),
+        action,
+        dataset=manifest.dataset,
+        dataset_version=manifest.version,
+        project=project,
+        **extra,
+    )
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -76,23 +94,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
     config = _merge(
         yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}, _overrides(args.set)
     )
-    from foundation.governance.projects import check_usable
-    from foundation.shards.manifest import Manifest
-
     manifest_path = (config.get("data") or {}).get("manifest")
-    if manifest_path:  # refuse revoked/purged data, or data not approved for the project
-        from foundation.governance import audit
-
-        manifest = Manifest.load(manifest_path)
-        check_usable(manifest, args.project)
-        audit.append(
-            audit.default_log_path(manifest_path),
-            "finetune",
-            dataset=manifest.dataset,
-            dataset_version=manifest.version,
-            project=args.project,
-            config=str(args.config),
-        )
+    if manifest_path:
+        _check_usable_and_audit(manifest_path, args.project, "finetune", config=str(args.config))
     try:
         key = load_key(args.key_file)
     except MissingKeyError:
@@ -123,6 +127,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", action="append", default=[], help="finetune config (repeatable)")
     p.add_argument("--exclusion-list", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--project", default=None, help="research project id: the dataset must be approved for it"
+    )
     add_key_option(p)
     p.set_defaults(handler=_run_evaluate)
 
@@ -134,6 +141,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from foundation.evaluation.zero_shot import retrieval_vs_random
     from foundation.progress import print_summary
 
+    _check_usable_and_audit(args.manifest, args.project, "evaluate", checkpoint=args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     retrieval = retrieval_vs_random(
