@@ -57,7 +57,7 @@ def retrieval_vs_random(
     if not patients:  # retrieval on training patients would measure memory, not transfer
         raise ValueError(
             f"{checkpoint}: no held-out patient of {manifest} to retrieve on (validation share "
-            f"{fraction}); pretrain with data.val_fraction > 0, or pass a val_fraction"
+            f"{fraction}); pretrain with data.val_fraction > 0 (or give retrieval_vs_random one)"
         )
     sizes = {
         3: tuple(data.get("crop_size_3d", (96, 96, 96))),
