@@ -3,9 +3,13 @@ other dimensionality (batches are all 2D or all 3D, retrieval mixes them)."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
-from test_pretrain import PairDataset, collate, tiny_module
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_pretrain import PairDataset, StepDataModule, collate, tiny_module
+
+from foundation.training.held_negatives import HELD_NEGATIVES, HELD_NEGATIVES_BY_RANK, load_held
 
 
 def _batch(dims: int) -> dict:
@@ -68,3 +72,67 @@ def test_the_checkpoint_entry_holds_embeddings_only(tmp_path) -> None:
     torch.save(ckpt, path)
     raw = path.read_bytes()
     assert not any(s.encode() in raw for s in [*batch["key"], *batch["patient"]])
+
+
+def _ddp_fit(module, steps: int, root, ckpt_path=None, callbacks=()) -> None:
+    L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    ).fit(module, datamodule=StepDataModule(mixed=True), ckpt_path=ckpt_path)
+
+
+@pytest.mark.slow
+def test_a_ddp_resume_gives_each_rank_its_own_held_batches(tmp_path) -> None:
+    # Two ranks read different batches, so they hold different negatives. The checkpoint must
+    # carry both: a resume on two ranks then ends where an uninterrupted run ends.
+    options = {"proj_norm": "batchnorm", "cross_dims_negatives": True,
+               "contrastive_masked": False, "max_steps": 8}  # fmt: skip
+    L.seed_everything(0)
+    straight = tiny_module(**options)
+    _ddp_fit(straight, 8, tmp_path / "straight")
+    L.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="half", every_n_train_steps=4)
+    _ddp_fit(tiny_module(**options), 4, tmp_path / "half", callbacks=[saver])
+
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=True)
+    by_rank = ckpt[HELD_NEGATIVES_BY_RANK]
+    assert len(by_rank) == 2 and set(by_rank[0]) == set(by_rank[1]) == {"2", "3"}
+    for d in ("2", "3"):
+        assert not torch.equal(by_rank[0][d][0], by_rank[1][d][0])
+    assert torch.equal(ckpt[HELD_NEGATIVES]["3"][1], by_rank[0]["3"][1])  # the 1-rank entry
+
+    def resumed_from(path):
+        L.seed_everything(1)  # other initial weights: everything must come from the checkpoint
+        module = tiny_module(**options)
+        _ddp_fit(module, 8, tmp_path / path.stem, ckpt_path=path)
+        return {k: v.detach() for k, v in module.state_dict().items()}
+
+    a = {k: v.detach() for k, v in straight.state_dict().items()}
+    b = resumed_from(tmp_path / "half.ckpt")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    # a checkpoint holding rank 0's batches only (as written before) resumes both ranks with
+    # them: rank 1 ranks against other negatives and the run ends elsewhere
+    del ckpt[HELD_NEGATIVES_BY_RANK]
+    torch.save(ckpt, tmp_path / "rank0.ckpt")
+    c = resumed_from(tmp_path / "rank0.ckpt")
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+
+
+def test_held_batches_of_another_world_size_are_shared_out_with_a_warning() -> None:
+    pair = [torch.zeros(2, 4), torch.ones(2, 4)]
+    written = {HELD_NEGATIVES_BY_RANK: [{"3": pair}, {"3": [p + 5 for p in pair]}]}
+    with pytest.warns(UserWarning, match="of 2 ranks and this run has 1"):
+        held = load_held(written)
+    assert torch.equal(held[3][1], pair[1])  # rank 0 takes rank 0's
+    assert load_held({}) == {}
+    one = {HELD_NEGATIVES: {"2": pair}}
+    assert torch.equal(load_held(one)[2][0], pair[0])  # single-process checkpoints load as before

@@ -73,15 +73,25 @@ class StandInDataModule(L.LightningDataModule):
 class StepLoader:
     """An endless stand-in for a streaming loader: batch ``i`` is a fixed function of ``i``."""
 
-    def __init__(self, start: int, n: int = 16, batch_size: int = 4, mixed: bool = False):
+    def __init__(
+        self,
+        start: int,
+        n: int = 16,
+        batch_size: int = 4,
+        mixed: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.data, self.batch_size, self.start = PairDataset(n), batch_size, start
+        self.rank, self.world = rank, world  # under DDP each rank reads its own samples
         # mixed: odd steps are 2D batches, as a stream of both dimensionalities gives them
         self.data_2d = PairDataset(n, dims=2, side=32) if mixed else None
 
     def __iter__(self):
         step = self.start
         while True:
-            idx = [(step * self.batch_size + j) % len(self.data) for j in range(self.batch_size)]
+            first = (step * self.world + self.rank) * self.batch_size
+            idx = [(first + j) % len(self.data) for j in range(self.batch_size)]
             data = self.data_2d if self.data_2d is not None and step % 2 else self.data
             step += 1
             yield collate([data[i] for i in idx])
@@ -99,7 +109,8 @@ class StepDataModule(L.LightningDataModule):
         self.mixed = mixed
 
     def train_dataloader(self) -> StepLoader:
-        return StepLoader(start=self.trainer.global_step, mixed=self.mixed)
+        t = self.trainer
+        return StepLoader(t.global_step, mixed=self.mixed, rank=t.global_rank, world=t.world_size)
 
 
 def tiny_module(**overrides) -> PretrainModule:

@@ -46,13 +46,13 @@ from foundation.models.vision import VisionConfig, VisionTransformer
 from foundation.objectives.contrastive import build_contrastive_loss
 from foundation.objectives.masked_image import MaskedImageDecoder
 from foundation.training.ema import ModelEMA
+from foundation.training.held_negatives import load_held, save_held
 from foundation.training.schedule import build_optimizer
 
 # Lineage entries whose *name* looks like a secret are dropped (a key fingerprint "key_id" is
 # fine; the pseudonymisation key itself must never reach a checkpoint).
 _SECRET_NAME = re.compile(r"(^|_)(key|secret|password|token|hmac)(_|$)", re.IGNORECASE)
 _ALLOWED_NAMES = {"key_id"}
-HELD_NEGATIVES = "cross_dims_negatives"  # checkpoint entry: the last batch of each dims
 
 
 def _clean_lineage(value: Any) -> Any:
@@ -139,7 +139,7 @@ class PretrainModule(L.LightningModule):
         self.ema = ModelEMA(self._ema_source(), ema_decay) if ema else None
         # cross_dims_negatives: the detached (image, report) embeddings of the last training
         # batch of each dimensionality (saved with a checkpoint, as the loader position is;
-        # under DDP the checkpoint holds rank 0's, so other ranks resume with rank 0's).
+        # under DDP every rank's, see foundation.training.held_negatives).
         self._last_batch_of: dict[int, tuple[Tensor, Tensor]] = {}
         self._last_batch_start: float | None = None
 
@@ -323,11 +323,10 @@ class PretrainModule(L.LightningModule):
             # when the weights were saved: `foundation audit run` lists requests that came after
             "saved": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         }
-        if self._last_batch_of:  # resume draws the same extra negatives as a straight run
-            checkpoint[HELD_NEGATIVES] = {
-                str(d): [t.cpu() for t in pair] for d, pair in self._last_batch_of.items()
-            }
+        # resume draws the same extra negatives as a straight run; collective under DDP, so
+        # the condition is the same on every rank (a rank may hold nothing yet)
+        if self.hparams.get("cross_dims_negatives", False):
+            save_held(self._last_batch_of, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        held = checkpoint.get(HELD_NEGATIVES) or {}
-        self._last_batch_of = {int(d): (img, txt) for d, (img, txt) in held.items()}
+        self._last_batch_of = load_held(checkpoint)
