@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import Spacing
 
 from foundation.synthetic.anatomy import calcium_score, render_ct, sample_patient
-from foundation.synthetic.geometry import CT_ORIENTATIONS, ct_stack
+from foundation.synthetic.geometry import CT_ORIENTATIONS, draw_ct_stack
 
 
 def _resample(hu: np.ndarray, voxel: tuple[float, ...], spacing: float) -> np.ndarray:
@@ -42,10 +42,7 @@ def main() -> None:
         anatomy = sample_patient(rng).at(1.0)
         if not anatomy.calcifications:
             continue
-        n = max(8, round(args.matrix * rng.uniform(0.42, 0.62)))  # as the cohort draws them
-        slice_mm = max(1.0, round(rng.uniform(240, 300) / n * 2) / 2)
-        z_top = float(155 + rng.uniform(0, 10))
-        stack = ct_stack(args.matrix, n, slice_mm, z_top, CT_ORIENTATIONS[0], 350.0)
+        stack = draw_ct_stack(rng, args.matrix, CT_ORIENTATIONS[0])  # as the cohort draws them
         points, voxel = stack.world_points(), (*stack.spacing, stack.slice_spacing)
         seed = int(rng.integers(1 << 30))
         with_ca = render_ct(anatomy, points, voxel, np.random.default_rng(seed))

@@ -48,3 +48,11 @@ def test_bench_stream_small() -> None:
 def test_bench_ingest_on_a_small_synthetic_export() -> None:
     out = _run("bench_ingest.py", "--patients", "3")
     assert "share of time: preprocess" in out
+
+
+def test_check_calcium_learnability_trains_both_encoders_on_held_out_phantoms() -> None:
+    out = _run("check_calcium_learnability.py", "--train", "24", "--test", "12", "--steps", "4",
+               "--every", "2")  # fmt: skip
+    for name in ("max16", "vit"):
+        assert re.search(rf"{name}\s+step\s+4\s+train loss \d+\.\d+\s+test corr [+-]\d", out)
+    assert re.search(r"constant\s.*\s1\.00\s", out)  # the baseline row of the same run

@@ -181,6 +181,25 @@ def test_erasure_across_merged_centres(tmp_path: Path) -> None:
     assert set(m.extra["shard_key_ids"]) == {r.path for r in m.shards}
 
 
+def test_a_merge_records_the_parts_built_without_an_exclusion_list(tmp_path: Path) -> None:
+    a = build_toy_dataset(tmp_path / "a", n_patients=2, dataset="ca", site="A", id_prefix="A")
+    b = build_toy_dataset(tmp_path / "b", n_patients=2, dataset="cb", site="B", id_prefix="B")
+    c = build_toy_dataset(tmp_path / "c", n_patients=2, dataset="cc", site="C", id_prefix="C")
+    neither = merge([a.manifest, b.manifest], tmp_path / "ab.json")
+    assert neither.exclusion_version is None
+    # b and c as if ingested with an exclusion list; a and b released from the first merge
+    for ds, version in ((a, None), (b, "v-b"), (c, "v-c")):
+        m = Manifest.load(ds.manifest)
+        m.exclusion_version = version
+        m.extra.pop("merged_into", None)
+        m.save(ds.manifest)
+    mixed = merge([a.manifest, b.manifest, c.manifest], tmp_path / "abc.json")
+    # not "v-b+v-c": part a's shards were never filtered
+    assert mixed.exclusion_version == "none+v-b+v-c"
+    by_part = {s["dataset"]: s["exclusion_version"] for s in mixed.extra["sources"]}
+    assert by_part == {"ca": None, "cb": "v-b", "cc": "v-c"}
+
+
 def test_merge_refuses_duplicate_samples(tmp_path: Path) -> None:
     a = build_toy_dataset(tmp_path / "a", n_patients=3)
     b = build_toy_dataset(tmp_path / "b", n_patients=3)  # same key, same ids: same sample keys

@@ -143,7 +143,11 @@ def _merge(
             }
         )
     key_ids = sorted(set(shard_key_ids.values()))
-    exclusions = sorted({p.exclusion_version for p in parts if p.exclusion_version})
+    # a part ingested without an exclusion list says so ("none"): the merged version must not
+    # claim for its shards a filtering they never had
+    exclusions = sorted({p.exclusion_version or "none" for p in parts})
+    if exclusions == ["none"]:
+        exclusions = []
     extra: dict[str, Any] = {"sources": sources, "shard_key_ids": shard_key_ids}
     retention = _earliest_retention(parts)
     if retention:

@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 
 from foundation.synthetic.anatomy import Anatomy, calcium_score, sample_patient
 from foundation.synthetic.dicom_writer import SeriesInfo, StudyInfo
-from foundation.synthetic.geometry import CT_ORIENTATIONS, ct_stack, oblique_stack
+from foundation.synthetic.geometry import CT_ORIENTATIONS, draw_ct_stack, oblique_stack
 from foundation.synthetic.identities import (
     PatientIdentity,
     date_forms,
@@ -182,10 +182,7 @@ def _write_patient(out, layout, ident, anat_model, i, rng, uid, counters, ct_mat
                 info.description = "Topogramme"
                 skips.append({"path": w.localizer(a, info, max(32, ct_matrix)),
                               "reason": "localizer"})  # fmt: skip
-            n = max(8, round(ct_matrix * rng.uniform(0.42, 0.62)))
-            spacing = max(1.0, round(rng.uniform(240, 300) / n * 2) / 2)
-            stack = ct_stack(ct_matrix, n, spacing, float(155 + rng.uniform(0, 10)),
-                             CT_ORIENTATIONS[c % len(CT_ORIENTATIONS)], 350.0)  # fmt: skip
+            stack = draw_ct_stack(rng, ct_matrix, CT_ORIENTATIONS[c % len(CT_ORIENTATIONS)])
             info = _series_info("CT", "CT", study, uid, 2, rng)
             fmt = CT_FORMATS[c % len(CT_FORMATS)]
             storage = tuple(CT_STORAGE)[c % len(CT_STORAGE)]

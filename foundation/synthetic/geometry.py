@@ -96,6 +96,15 @@ def ct_stack(
     )
 
 
+def draw_ct_stack(rng: np.random.Generator, matrix: int, variant: str) -> SliceStack:
+    """A chest CT acquisition as the cohort draws one: 42-62 % of ``matrix`` slices over
+    240-300 mm (slice spacing rounded to 0.5 mm, at least 1 mm), from 155-165 mm down, over a
+    350 mm field of view."""
+    n = max(8, round(matrix * rng.uniform(0.42, 0.62)))
+    spacing = max(1.0, round(rng.uniform(240, 300) / n * 2) / 2)
+    return ct_stack(matrix, n, spacing, float(155 + rng.uniform(0, 10)), variant, 350.0)
+
+
 def oblique_stack(
     matrix: int,
     n_slices: int,
