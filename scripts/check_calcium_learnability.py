@@ -5,7 +5,8 @@ This asks the question beneath: trained *supervised* on the score, does the enco
 all? It renders phantoms as the cohort acquires them (its CT orientations in turn), preprocesses
 them as ingest does (``foundation.ingest.preprocess`` at ``--spacing`` mm), crops them as
 evaluation does (``--size``, mediastinal window), and trains each encoder with a linear head on
-standardised log1p(score) (batch 16, AdamW, random flips), testing on phantoms it never saw:
+standardised log1p(score) (batch 16, AdamW, no flips unless ``--flip-lr``: the coronaries are
+not symmetric, and the demo's probes see no flips either), testing on phantoms it never saw:
 
 - ``max16``: the maximum of each 16-voxel block, read block by block by a linear map (no
   transformer): the reference, which can see a calcification of one or two voxels;
@@ -100,6 +101,7 @@ def train_and_test(
     lr: float,
     every: int,
     seed: int,
+    flip_lr: bool = False,
 ) -> dict[str, float]:
     """Train ``encoder`` + a lazy linear head on standardised targets; held-out figures."""
     x_train, y_train, x_test, y_test = data
@@ -122,8 +124,8 @@ def train_and_test(
     for step in range(1, steps + 1):
         i = torch.randint(0, len(x_train), (BATCH,))
         x = x_train[i]
-        flips = [a + 2 for a in range(3) if torch.rand(()) < 0.5]
-        x = x.flip(flips) if flips else x
+        if flip_lr and torch.rand(()) < 0.5:
+            x = x.flip(2)  # the RAS x axis: left-right
         loss = ((model(x).squeeze(1) - (y_train[i] - mu) / sd) ** 2).mean()
         opt.zero_grad()
         loss.backward()
@@ -148,6 +150,7 @@ def main() -> None:
                         help="pretraining config whose model.vision is the ViT")  # fmt: skip
     parser.add_argument("--encoders", nargs="+", default=["max16", "vit"],
                         choices=["max16", "vit"])  # fmt: skip
+    parser.add_argument("--flip-lr", action="store_true", help="random left-right flips")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     size = tuple(args.size)
@@ -159,7 +162,9 @@ def main() -> None:
     build = {"max16": lambda: BlockMax(16), "vit": lambda: PooledViT(cfg)}
     constant = float((y_train.mean() - y_test).abs().mean())
     results = {
-        name: train_and_test(name, build[name](), data, args.steps, args.lr, args.every, args.seed)
+        name: train_and_test(
+            name, build[name](), data, args.steps, args.lr, args.every, args.seed, args.flip_lr
+        )
         for name in args.encoders
     }
 

@@ -13,6 +13,7 @@ from foundation.cli import main
 from foundation.data.stream import in_val_split
 from foundation.governance import audit
 from foundation.governance.projects import ProjectNotApprovedError
+from foundation.privacy.exclusion import ExclusionEntry, ExclusionList
 from foundation.shards.manifest import Manifest
 
 
@@ -60,6 +61,11 @@ def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  #
     task_file = tmp_path / "ctr.yaml"
     task_file.write_text(yaml.safe_dump(task), encoding="utf-8")
     out = tmp_path / "eval"
+    manifest = Manifest.load(tiny_dataset.manifest)
+    opted_out = sorted(manifest.patients())[0]
+    exclusion = ExclusionList([ExclusionEntry(opted_out, "opposition", "2026-01-02")],
+                              key_id=manifest.key_id)  # fmt: skip
+    exclusion.save(tmp_path / "exclusion.json")
     args = [
         "evaluate",
         f"--checkpoint={checkpoint}",
@@ -69,7 +75,10 @@ def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  #
         f"--task={task_file}",
         f"--key-file={tiny_dataset.key_file}",
         f"--out={out}",
+        f"--exclusion-list={tmp_path / 'exclusion.json'}",
     ]
+    with pytest.raises(SystemExit, match="--labels and --task go together"):
+        main([a for a in args if not a.startswith("--task")])
     # a dataset not approved for the project named is refused before anything runs
     with pytest.raises(ProjectNotApprovedError, match="not approved for project P9"):
         main([*args, "--project=P9"])
@@ -84,6 +93,11 @@ def test_the_cli_evaluates_a_pretraining_run(tiny_dataset, tmp_path, capsys):  #
     results = json.loads((out / "probes" / "results.json").read_text())
     assert results["cardiothoracic_ratio"]["metric"] == "mae"
     assert "| cardiothoracic_ratio | mae" in (out / "probes" / "results.md").read_text()
+    for init in ("pretrained", "random_init"):  # the probes read no opted-out patient
+        run = json.loads(
+            (out / "probes" / "cardiothoracic_ratio" / init / "metrics.json").read_text()
+        )
+        assert run["exclusion"] == {"version": exclusion.version, "excluded_patients": 1}
     # the key never reaches what the command writes
     secret = tiny_dataset.key_file.read_text().strip().encode()
     assert all(secret not in p.read_bytes() for p in out.rglob("*") if p.is_file())

@@ -31,6 +31,7 @@ from foundation.models.export import (
 )
 from foundation.models.heads import MultiTaskHead, TaskSpec
 from foundation.models.vision import VisionConfig, VisionTransformer
+from foundation.privacy.exclusion import ExclusionEntry, ExclusionList
 from foundation.privacy.pseudonym import PseudonymKey
 from foundation.sample import Sample, sample_key
 from foundation.shards.manifest import Manifest
@@ -258,6 +259,45 @@ def test_run_finetune_writes_no_raw_identifier(
         for raw in cohort["raw_ids"]:
             assert raw.encode() not in data, f"{path.name} holds a raw identifier"
     assert SECRET not in b"".join(d for _, d in written)
+
+
+def test_excluded_patients_reach_no_head_and_no_cache(
+    cohort: dict, checkpoint: Path, tmp_path: Path
+) -> None:
+    key, cache = _key(), tmp_path / "cache"
+
+    def run(out: str, exclusion: Path | None = None) -> dict:
+        cfg = _config(cohort, checkpoint, tmp_path / out)
+        cfg["cache_dir"] = str(cache)
+        cfg["data"]["exclusion_list"] = str(exclusion) if exclusion else None
+        return run_finetune(cfg, key)
+
+    run("every")
+    before = set(cache.glob("*.npz"))
+    assert len(before) == 1
+    opted_out = {key.patient(f"PID{i:05d}") for i in (0, 4, 7)}
+    their_studies = {key.pseudonym("study", f"1.2.250.{i}.1") for i in (0, 4, 7)}  # labelled XR
+    excl = ExclusionList([ExclusionEntry(p, "opposition", "2026-01-02") for p in opted_out],
+                         key_id=key.key_id)  # fmt: skip
+    excl.save(tmp_path / "exclusion.json")
+    run("opted", tmp_path / "exclusion.json")
+
+    split = json.loads((tmp_path / "opted" / "split.json").read_text())
+    assert not their_studies & {s for ss in split["studies"].values() for s in ss}
+    assert sum(map(len, split["studies"].values())) == N_PATIENTS - len(opted_out)
+    metrics = json.loads((tmp_path / "opted" / "metrics.json").read_text())
+    assert metrics["exclusion"] == {"version": excl.version, "excluded_patients": 3}
+    # the cache made before the opt-out is gone; the new one never held those patients
+    after = list(cache.glob("*.npz"))
+    assert len(after) == 1 and after[0] not in before
+    with np.load(after[0]) as z:
+        assert not opted_out & set(z["patient"].tolist())
+        assert len(set(z["patient"].tolist())) == N_PATIENTS - len(opted_out)
+    # a list made under another key is refused, naming it
+    other = ExclusionList(excl.entries, key_id="another-key-id")
+    other.save(tmp_path / "other.json")
+    with pytest.raises(ValueError, match=r"other\.json: made under another pseudonymisation key"):
+        run("other", tmp_path / "other.json")
 
 
 def test_labels_hashed_under_another_key_are_refused(

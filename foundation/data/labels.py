@@ -180,6 +180,38 @@ def source_samples(
     return iter_samples(m, decode_image=True)
 
 
+@dataclass
+class Exclusion:
+    """The patients an exclusion list removes from a manifest, and what was dropped."""
+
+    patients: frozenset[str] = frozenset()
+    version: str | None = None
+    dropped: int = 0  # samples of those patients skipped so far
+
+    def drop(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        """``samples`` without those of the excluded patients (counted in ``dropped``)."""
+        for s in samples:
+            if s.meta.get("patient") in self.patients:
+                self.dropped += 1
+                continue
+            yield s
+
+
+def load_exclusion(manifest: str | Path, exclusion_list: str | Path | None) -> Exclusion:
+    """The manifest's patients in ``exclusion_list`` (none when None). A list made under
+    another pseudonymisation key than the manifest's is refused, naming the list."""
+    if not exclusion_list:
+        return Exclusion()
+    from foundation.data.exclusion_filter import load_excluded, load_exclusion_list
+    from foundation.shards.manifest import Manifest
+
+    m = Manifest.load(manifest)
+    patients, version = load_excluded(
+        str(exclusion_list), load_exclusion_list, m, frozenset(m.patients()), sync=False
+    )
+    return Exclusion(patients, version)
+
+
 def select_samples(samples: Iterable[Sample], modality: str, dims: int | None) -> Iterator[Sample]:
     """Samples of ``modality`` and ``dims`` (dims fixed by the first match when None)."""
     for s in samples:

@@ -18,6 +18,29 @@ def add_key_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def key_or_none(key_file: str | None):
+    """The key of ``--key-file`` (a missing or empty file is an error), else of
+    ``$FOUNDATION_PSEUDONYM_KEY``; None when neither is set: tables keyed by pseudonyms need
+    no key, and one keyed by raw identifiers then fails naming both."""
+    from foundation.privacy.pseudonym import MissingKeyError, load_key
+
+    if key_file:
+        return load_key(key_file)
+    try:
+        return load_key(None)
+    except MissingKeyError:
+        return None
+
+
+def add_exclusion_option(p: argparse.ArgumentParser, default_help: str) -> None:
+    """``--exclusion-list``: opt-out/erasure list whose patients no head or probe reads."""
+    p.add_argument(
+        "--exclusion-list",
+        default=None,
+        help=f"exclusion list (foundation optout): its patients are left out ({default_help})",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``finetune``, ``evaluate`` and ``export`` to the ``foundation`` command."""
     _add_finetune(sub)
@@ -38,6 +61,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--project", default=None, help="research project id: the dataset must be approved for it"
     )
+    add_exclusion_option(p, "default: the config's data.exclusion_list")
     add_key_option(p)
     p.set_defaults(handler=_run_finetune)
 
@@ -87,21 +111,18 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from foundation.privacy.pseudonym import MissingKeyError, load_key
     from foundation.progress import print_summary
     from foundation.training.finetune import run_finetune
 
     config = _merge(
         yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}, _overrides(args.set)
     )
+    if args.exclusion_list:
+        config.setdefault("data", {})["exclusion_list"] = args.exclusion_list
     manifest_path = (config.get("data") or {}).get("manifest")
     if manifest_path:
         _check_usable_and_audit(manifest_path, args.project, "finetune", config=str(args.config))
-    try:
-        key = load_key(args.key_file)
-    except MissingKeyError:
-        key = None  # label tables keyed by study pseudonym need no key
-    result = run_finetune(config, key)
+    result = run_finetune(config, key_or_none(args.key_file))
     rows = []
     for name, task in result.get("tasks", {}).items():
         m = task["metrics"][task["metric"]]
@@ -125,7 +146,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer folder")
     p.add_argument("--labels", default=None, help="label table for the probe suite")
     p.add_argument("--task", action="append", default=[], help="finetune config (repeatable)")
-    p.add_argument("--exclusion-list", default=None)
+    add_exclusion_option(p, "default: the one the checkpoint was pretrained with")
     p.add_argument("--out", required=True)
     p.add_argument(
         "--project", default=None, help="research project id: the dataset must be approved for it"
@@ -138,14 +159,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from foundation.evaluation.zero_shot import retrieval_vs_random
+    from foundation.evaluation.zero_shot import data_record, retrieval_vs_random
     from foundation.progress import print_summary
 
+    if bool(args.labels) != bool(args.task):
+        raise SystemExit("--labels and --task go together: the probe suite needs a label table"
+                         " and at least one task config")  # fmt: skip
     _check_usable_and_audit(args.manifest, args.project, "evaluate", checkpoint=args.checkpoint)
+    # the list the checkpoint was pretrained with, unless a (newer) one is given
+    exclusion = args.exclusion_list or data_record(Path(args.checkpoint))[0].get("exclusion_list")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     retrieval = retrieval_vs_random(
-        args.checkpoint, args.manifest, args.tokenizer, exclusion_list=args.exclusion_list
+        args.checkpoint, args.manifest, args.tokenizer, exclusion_list=exclusion
     )
     (out / "retrieval.json").write_text(json.dumps(retrieval, indent=2) + "\n", encoding="utf-8")
     rows = [
@@ -160,15 +186,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     )
     if args.labels and args.task:
         from foundation.evaluation.probe import run_probe_suite
-        from foundation.privacy.pseudonym import load_key
 
         run_probe_suite(
             args.checkpoint,
             args.manifest,
             args.labels,
             args.task,
-            load_key(args.key_file),
+            key_or_none(args.key_file),
             out / "probes",
+            overrides={"data.exclusion_list": exclusion} if exclusion else None,
         )
         print(f"probe suite written to {out / 'probes' / 'results.md'}")
     return 0

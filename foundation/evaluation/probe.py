@@ -52,20 +52,36 @@ __all__ = [
     "study_embeddings",
 ]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keys <entry>-<data>, embeddings without excluded patients
 
 
 # ---- embedding cache --------------------------------------------------------------------------
-def cache_key(identity: str, vision_cfg: dict, manifest_version: str, transform: dict) -> str:
-    """Hash naming a cache entry: encoder weights + manifest version + transform spec."""
-    spec = {
+def _digest(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_key(
+    identity: str,
+    vision_cfg: dict,
+    manifest_version: str,
+    transform: dict,
+    *,
+    dataset: str = "",
+    exclusion_version: str | None = None,
+) -> str:
+    """``<entry>-<data>`` naming a cache file. The entry hashes the encoder weights, its config,
+    the transform spec and the dataset (e.g. the manifest's path); the data part hashes the
+    manifest version and the exclusion list applied, which change with every erasure or new
+    opt-out (``cached_embeddings`` then drops the entry's older files)."""
+    entry = {
         "format": CACHE_FORMAT,
         "encoder": identity,
         "vision": vision_cfg,
-        "manifest": manifest_version,
         "transform": transform,
+        "dataset": dataset,
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    data = {"manifest": manifest_version, "exclusion": exclusion_version}
+    return f"{_digest(entry)}-{_digest(data)}"
 
 
 @torch.no_grad()
@@ -109,7 +125,11 @@ def embed_samples(
 def cached_embeddings(
     cache_dir: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """Load ``cache_dir/<key>.npz`` or compute and store it (written atomically)."""
+    """Load ``cache_dir/<key>.npz`` or compute and store it (written atomically).
+
+    Storing it removes the files of the same entry made from an older dataset version or
+    exclusion list (``cache_key``): they may hold the embeddings and pseudonyms of patients
+    erased or opted out since, which neither erasure nor the stream's filter reaches."""
     path = cache_dir / f"{key}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -119,6 +139,10 @@ def cached_embeddings(
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
+    entry = key.split("-", 1)[0]
+    for older in cache_dir.glob(f"{entry}-*.npz"):
+        if older != path:
+            older.unlink(missing_ok=True)
     return arrays
 
 
@@ -220,8 +244,10 @@ def run_probe_job(
     samples: Iterable[Sample],
     transform: Callable[[np.ndarray, dict], Tensor] | None,
     manifest: dict,
+    exclusion_version: str | None = None,
 ) -> dict[str, Any]:
-    """The probe path of ``run_finetune`` (cfg: a FinetuneConfig)."""
+    """The probe path of ``run_finetune`` (cfg: a FinetuneConfig); ``samples`` come without
+    the excluded patients of ``exclusion_version``, which names the cache too."""
     from foundation.training import finetune as ft
 
     d = cfg.data
@@ -230,7 +256,14 @@ def run_probe_job(
         fed = input_windows(loaded.model.cfg.in_channels, loaded.lineage, loaded.source)
         spec["ct_windows"] = windows_record(fed)
     vision = asdict(loaded.model.cfg)
-    key = cache_key(loaded.identity, vision, manifest_version(manifest, d.manifest), spec)
+    key = cache_key(
+        loaded.identity,
+        vision,
+        manifest_version(manifest, d.manifest),
+        spec,
+        dataset=str(Path(d.manifest).resolve()) if d.manifest else "",
+        exclusion_version=exclusion_version,
+    )
     cache_dir = (
         Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out_dir).parent / "embedding_cache"
     )

@@ -34,7 +34,7 @@ def heldout_patients(
     }
 
 
-def _data_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def data_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The data module's hyperparameters and the data lineage a checkpoint records."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     return dict(ckpt.get("datamodule_hyper_parameters") or {}), lineage_of(ckpt)
@@ -51,7 +51,7 @@ def retrieval_vs_random(
 ) -> dict[str, Any]:
     """Recall@k on held-out patients for the checkpoint and for a random init of its model."""
     checkpoint = Path(checkpoint)
-    data, lineage = _data_record(checkpoint)
+    data, lineage = data_record(checkpoint)
     fraction = val_fraction if val_fraction is not None else float(data.get("val_fraction", 0.05))
     patients = heldout_patients(manifest, fraction, exclusion_list or data.get("exclusion_list"))
     if not patients:  # retrieval on training patients would measure memory, not transfer

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -41,6 +42,7 @@ from foundation.data.labels import (
     LabelledSamples,
     LabelTable,
     join_labels,
+    load_exclusion,
     load_label_table,
     source_samples,
 )
@@ -100,6 +102,8 @@ __all__ = [
     "split_strata",
     "train_module",
 ]
+
+log = logging.getLogger(__name__)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -242,7 +246,14 @@ def run_finetune(
     if transform is None:  # an encoder its data cannot feed fails here, before any image is read
         input_windows(loaded.model.cfg.in_channels, loaded.lineage, loaded.source)
     table = labels_for(cfg, key, manifest)
-    samples = (
+    exclusion = load_exclusion(cfg.data.manifest, cfg.data.exclusion_list)
+    if exclusion.version is None and (loaded.lineage or {}).get("exclusion_version"):
+        log.warning(
+            "%s: the encoder was pretrained honouring an exclusion list and this run reads "
+            "every patient; set data.exclusion_list (--exclusion-list) to the current list",
+            cfg.name,
+        )
+    samples = exclusion.drop(
         samples
         if samples is not None
         else source_samples(cfg.data.manifest, cfg.data.modality, cfg.data.dims)
@@ -254,9 +265,13 @@ def run_finetune(
     if probe:
         from foundation.evaluation.probe import run_probe_job
 
-        result = run_probe_job(cfg, loaded, table, samples, transform, manifest)
+        result = run_probe_job(cfg, loaded, table, samples, transform, manifest, exclusion.version)
     else:
         result = _run_module_job(cfg, loaded, table, samples, transform)
+    result["exclusion"] = {
+        "version": exclusion.version,
+        "excluded_patients": len(exclusion.patients),  # of this manifest, read by no head
+    }
     result["split"].save(out / "split.json")
     return _finish(cfg, loaded, result, out)
 
@@ -337,6 +352,7 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "load_report": str(loaded.report) if loaded.report else None,
         },
         "evaluation": split.method,
+        "exclusion": result["exclusion"],
         "n_studies": {n: len(v) for n, v in split.studies.items()},
         "tasks": tasks_out,
     }

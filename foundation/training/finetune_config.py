@@ -26,6 +26,8 @@ class DataConfig:
     modality: str = "XR"
     dims: int | None = None  # None: the dims of the first matching sample
     image_size: list[int] | None = None  # None: DEFAULT_SIZE[dims]
+    # opt-out/erasure list (foundation optout): its patients are read by no head or probe
+    exclusion_list: str | None = None
 
 
 @dataclass
