@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from foundation.cli import main
+from foundation.privacy.exclusion import ExclusionList
+from foundation.shards.manifest import Manifest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "demo_out"  # the shipped finetune configs read demo_out/ (below)
     assert main(["demo", "--out", str(out), "--patients", "10", "--quick"]) == 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     stages = summary["stages"]
@@ -59,3 +64,17 @@ def test_demo_runs_every_stage_and_writes_its_summary(tmp_path, capsys):
     # the throw-away key never reaches the summary or the console
     secret = (out / "keys" / "demo.key").read_text().strip()
     assert secret not in printed and secret not in json.dumps(summary)
+
+    # A shipped config runs as a user types it after the demo, from the folder holding demo_out/
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "finetune" / "cardiothoracic_ratio.yaml"
+    assert main(["finetune", "--config", str(config), "--set", "eval.n_bootstrap=50"]) == 0
+    run = tmp_path / "demo_out" / "finetune-runs" / "cardiothoracic_ratio"
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["tasks"]["cardiothoracic_ratio"]["n_test"] > 0
+    listed = ExclusionList.load(out / "dataset" / "exclusion_list.json")
+    in_dataset = listed.among(
+        Manifest.load(out / "dataset/data_manifests/synthetic.json").patients()
+    )
+    assert metrics["exclusion"] == {"version": listed.version, "excluded_patients": len(in_dataset)}
+    assert secret not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from foundation.evaluation.metrics import (
     rmse,
     roc_curve,
 )
+from foundation.evaluation.report import json_clean
 from foundation.evaluation.retrieval import recall_at_k
 from foundation.evaluation.splits import assign_patients, kfold_patients, make_kfold, make_split
 
@@ -224,3 +226,10 @@ def test_kfold_covers_each_patient_once_as_test(tmp_path) -> None:
         assert not train & {study_patient[x] for x in s.of("test")}
     path = splits[0].save(tmp_path / "split.json")
     assert "p0" not in path.read_text()  # studies and counts, not patient lists
+
+
+def test_json_clean_leaves_strict_json() -> None:
+    # a one-class test split gives NaN AUROC; metrics.json must still parse as strict JSON
+    clean = json_clean({"auroc": {"value": math.nan, "ci": [math.nan, math.inf]}, "n": [1, 2.5]})
+    assert clean == {"auroc": {"value": None, "ci": [None, None]}, "n": [1, 2.5]}
+    json.dumps(clean, allow_nan=False)

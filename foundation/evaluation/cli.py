@@ -19,17 +19,12 @@ def add_key_option(p: argparse.ArgumentParser) -> None:
 
 
 def key_or_none(key_file: str | None):
-    """The key of ``--key-file`` (a missing or empty file is an error), else of
-    ``$FOUNDATION_PSEUDONYM_KEY``; None when neither is set: tables keyed by pseudonyms need
-    no key, and one keyed by raw identifiers then fails naming both."""
-    from foundation.privacy.pseudonym import MissingKeyError, load_key
+    """The key of ``--key-file`` (a missing or empty file is an error), else None: a table keyed
+    by raw identifiers then takes its config's ``labels.key_file``, else
+    ``$FOUNDATION_PSEUDONYM_KEY``; one keyed by pseudonyms needs none."""
+    from foundation.privacy.pseudonym import load_key
 
-    if key_file:
-        return load_key(key_file)
-    try:
-        return load_key(None)
-    except MissingKeyError:
-        return None
+    return load_key(key_file) if key_file else None
 
 
 def add_exclusion_option(p: argparse.ArgumentParser, default_help: str) -> None:

@@ -67,13 +67,14 @@ def results_markdown(summary: dict[str, dict[str, Any]], title: str = "Biomarker
     return "\n".join(lines) + "\n"
 
 
-def _json_clean(value: Any) -> Any:
+def json_clean(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as None: strict JSON has neither."""
     if isinstance(value, dict):
-        return {k: _json_clean(v) for k, v in value.items()}
+        return {k: json_clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_clean(v) for v in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None  # JSON has no NaN
+        return [json_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 
@@ -154,7 +155,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "results.md", "json": out / "results.json"}
     paths["markdown"].write_text(results_markdown(summary, title), encoding="utf-8")
-    paths["json"].write_text(json.dumps(_json_clean(summary), indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(json_clean(summary), indent=2) + "\n", encoding="utf-8")
     for name, r in summary.items():
         log = r.get("target_transform") == "log1p"
         png = plot_task(name, r["type"], predictions.get(name, {}), out / f"{name}.png", log)

@@ -48,6 +48,7 @@ from foundation.data.labels import (
 )
 from foundation.evaluation.baseline import constant_predictions
 from foundation.evaluation.metrics import evaluate_predictions
+from foundation.evaluation.report import json_clean
 from foundation.evaluation.splits import Split, make_kfold, make_split, patient_strata
 from foundation.models.export import (
     LoadedEncoder,
@@ -327,6 +328,15 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "level": ev.level,
             "target_transform": t.target_transform,
         }
+        if t.type == "binary" and len(set(y_true.tolist())) < 2:
+            log.warning(
+                "%s: the test studies of task %s hold one class only (%d studies): AUROC and "
+                "AUPRC are undefined (null in metrics.json); use k-fold (split.kfold) or more "
+                "patients",
+                cfg.name,
+                t.name,
+                len(studies),
+            )
         metrics = evaluate_predictions(t.type, y_true, y_pred, **scoring)
         tasks_out[t.name] = {
             "type": t.type,
@@ -358,7 +368,9 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
     }
     if result.get("probe"):
         results["probe"] = result["probe"]  # e.g. the CV-chosen ridge penalty of each fold
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(
+        json.dumps(json_clean(results), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["task", "study", "y_true", "y_pred"])
