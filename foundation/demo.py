@@ -266,7 +266,7 @@ class Demo:
             n_bootstrap=200 if self.quick else 1000,
             seed=self.seed,
             kfold=5,  # tens of studies: every one predicted out-of-fold, not a test split of 4
-            overrides={"data.exclusion_list": str(self.exclusion)},  # opt-outs are read by none
+            exclusion_list=self.exclusion,  # opt-outs are read by no probe
         )
         return {
             name: {

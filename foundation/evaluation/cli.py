@@ -189,7 +189,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             args.task,
             key_or_none(args.key_file),
             out / "probes",
-            overrides={"data.exclusion_list": exclusion} if exclusion else None,
+            exclusion_list=exclusion,
         )
         print(f"probe suite written to {out / 'probes' / 'results.md'}")
     return 0

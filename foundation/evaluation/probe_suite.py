@@ -58,11 +58,13 @@ def run_probe_suite(
     samples_fn: Callable[[], Iterable[Sample]] | None = None,
     transform: Callable[[np.ndarray, dict], Tensor] | None = None,
     kfold: int | None = None,
+    exclusion_list: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Probe every task on the pretrained encoder (if given) and on a random init of it.
 
-    ``tasks``: finetune configs (paths, dicts or FinetuneConfig). ``overrides``: dotted config
-    keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). ``kfold``: ``k > 1``
+    ``tasks``: finetune configs (paths, dicts or FinetuneConfig); ``exclusion_list``: the
+    patients no probe reads (its version is recorded in each run's metrics). ``overrides``:
+    dotted config keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). ``kfold``: ``k > 1``
     evaluates by patient-level k-fold cross-validation: a probe per fold, fitted on the other
     folds, predicts its fold, and the metrics and bootstrap intervals are computed on the
     pooled out-of-fold predictions of every study; else on each config's test split. Returns
@@ -79,8 +81,11 @@ def run_probe_suite(
     plots: dict[str, dict[str, dict]] = {}
     for task in tasks:
         base = FinetuneConfig.from_any(task).to_dict()
+        # the data, list and key are the suite's, not those the task config names
         base["data"]["manifest"] = str(manifest)
+        base["data"]["exclusion_list"] = str(exclusion_list) if exclusion_list else None
         base["labels"]["path"] = str(label_table)
+        base["labels"]["key_file"] = None
         base["encoder"].update(
             freeze=f"{probe}_probe", checkpoint=str(checkpoint) if checkpoint else None
         )
