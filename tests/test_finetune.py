@@ -496,6 +496,56 @@ def test_label_tables(tmp_path: Path) -> None:
     assert "SECRETACC" not in str(err.value)
 
 
+def test_label_cells_are_checked_by_the_task_that_reads_them(tmp_path: Path) -> None:
+    key = _key()
+    path = tmp_path / "l.csv"
+    path.write_text(
+        "accession_number,ratio,flag,grade\nA1,0.5,yes,none\nA2,\"0,52\",1,mild\n"
+        "A3,ND,2,\nA4,0.4,0,severe\n",
+        encoding="utf-8",
+    )  # fmt: skip
+    columns = ["ratio", "flag", "grade"]
+    kinds = {"ratio": "number", "flag": "binary", "grade": "class"}
+    with pytest.raises(LabelTableError) as err:
+        load_label_table(path, "accession_number", columns, key, kinds=kinds)
+    message = str(err.value)
+    assert "column 'ratio': 2 cells are not a number, the first in row 3" in message
+    assert "decimal comma" in message
+    assert (
+        "column 'flag': 1 cells are not 0 or 1 (true/false, yes/no), the first in row 4" in message
+    )
+    assert "A2" not in message and "ND" not in message  # the file and rows only
+    fixed = tmp_path / "fixed.csv"
+    fixed.write_text("accession_number,flag,grade\nA1,yes,none\nA2,0,mild\nA3,1,\n", "utf-8")
+    table = load_label_table(fixed, "accession_number", ["flag", "grade"], key, kinds=kinds)
+    rows = [table.rows[key.pseudonym("accession", a)] for a in ("A1", "A2", "A3")]
+    assert [r["flag"] for r in rows] == [1.0, 0.0, 1.0]
+    assert rows[0]["grade"] == "none" and rows[1]["grade"] == "mild"  # "none" is a class here
+    assert math.isnan(rows[2]["grade"])
+    assert table.joined == set()
+    table.lookup({"accession": key.pseudonym("accession", "A2")})
+    assert table.joined == {key.pseudonym("accession", "A2")}
+
+
+def test_parquet_label_tables_need_text_identifiers(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = _key()
+    pq.write_table(pa.table({"accession_number": ["0012", "0034"], "patient_id": ["P1", "P2"],
+                             "y": [1.5, 2.5]}), tmp_path / "l.parquet")  # fmt: skip
+    table = load_label_table(tmp_path / "l.parquet", "accession_number", ["y"], key)
+    assert table.lookup({"accession": key.pseudonym("accession", "0012")}) == {"y": 1.5}
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"accession_number": ["7", "7"], "y": [1.0, 2.0]}), dup)
+    with pytest.raises(LabelTableError, match="row 2 repeats"):  # Parquet rows count from 1
+        load_label_table(dup, "accession_number", ["y"], key)
+    as_numbers = tmp_path / "int.parquet"
+    pq.write_table(pa.table({"accession_number": [12, 34], "y": [1.5, 2.5]}), as_numbers)
+    with pytest.raises(LabelTableError, match=r"stored as int64; identifiers must be text"):
+        load_label_table(as_numbers, "accession_number", ["y"], key)
+
+
 def test_finetune_configs_load() -> None:
     expected = {"calcium_score": ("CT", "regression", "log1p"),
                 "cardiothoracic_ratio": ("XR", "regression", None),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ KEY_COLUMNS: dict[str, tuple[str, str | None]] = {
 }
 _MISSING = {"", "na", "nan", "null", "none"}
 _BOOLEAN = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
+# What a target column must hold, by the task that reads it (``load_label_table(kinds=)``):
+# "number" (regression), "binary" (0/1, true/false, yes/no), "class" (any value; "none" is a
+# class, not a missing cell), "auto" (numbers, booleans, else text: no check).
+COLUMN_KINDS = ("number", "binary", "class", "auto")
+_DECIMAL_COMMA = re.compile(r"^\s*-?\d+,\d+\s*$")
 
 
 class LabelTableError(ValueError):
@@ -48,18 +54,23 @@ class LabelTable:
     columns: list[str]
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = ""
+    joined: set[str] = field(default_factory=set)  # keys a lookup found (rows that were used)
 
     def lookup(self, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         """The targets of the sample whose meta is given, or None when it has no row."""
         ident = meta.get(self.join_on)
-        return self.rows.get(ident) if ident else None
+        row = self.rows.get(ident) if ident else None
+        if row is not None:
+            self.joined.add(ident)  # type: ignore[arg-type]
+        return row
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def _parse(value: Any) -> Any:
-    """Numbers as float, booleans as 0/1, missing as NaN, else a stripped string (a class)."""
+def _parse(value: Any, kind: str = "auto") -> Any:
+    """Numbers as float, booleans as 0/1, missing as NaN, else a stripped string (a class).
+    A ``class`` column keeps words as they are: only empty, NA, NaN and null are missing."""
     if value is None:
         return float("nan")
     if isinstance(value, bool):
@@ -67,6 +78,13 @@ def _parse(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return float(value)
     text = str(value).strip()
+    if kind == "class":
+        if text.lower() in _MISSING - {"none"}:
+            return float("nan")
+        try:
+            return float(text)
+        except ValueError:
+            return text
     if text.lower() in _MISSING:
         return float("nan")
     if text.lower() in _BOOLEAN:
@@ -77,14 +95,33 @@ def _parse(value: Any) -> Any:
         return text
 
 
-def _read_rows(path: Path) -> tuple[list[str], Iterable[dict[str, Any]]]:
+def _invalid(value: Any, kind: str) -> bool:
+    """Whether a parsed cell does not fit its column's kind (missing cells always fit)."""
+    if is_missing(value) or kind in ("class", "auto"):
+        return False
+    if not isinstance(value, float):
+        return True
+    return kind == "binary" and value not in (0.0, 1.0)
+
+
+_EXPECTED = {"number": "a number", "binary": "0 or 1 (true/false, yes/no)"}
+
+
+def _read_rows(
+    path: Path, wanted: list[str]
+) -> tuple[list[str], Iterable[dict[str, Any]], int, dict[str, str]]:
+    """Header, rows (only the ``wanted`` columns for Parquet), the number of the first data
+    row, and the Parquet type of each column (empty for CSV)."""
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
         except ImportError as err:
             raise LabelTableError(f"{path}: reading Parquet needs pyarrow; use CSV") from err
-        table = pq.read_table(path)
-        return list(table.column_names), table.to_pylist()
+        schema = pq.read_schema(path)
+        header = list(schema.names)
+        types = {name: str(schema.field(name).type) for name in header}
+        present = [c for c in dict.fromkeys(wanted) if c in header]
+        return header, pq.read_table(path, columns=present).to_pylist(), 1, types
     f = path.open(newline="", encoding="utf-8-sig")
     reader = csv.DictReader(f)
     header = list(reader.fieldnames or [])
@@ -93,7 +130,7 @@ def _read_rows(path: Path) -> tuple[list[str], Iterable[dict[str, Any]]]:
         with f:
             yield from reader
 
-    return header, rows()
+    return header, rows(), 2, {}  # row 1 is the header
 
 
 def load_label_table(
@@ -104,11 +141,14 @@ def load_label_table(
     *,
     join_on: str | None = None,
     namespace: str | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> LabelTable:
     """Read ``path`` keeping ``key_column`` (hashed if raw) and the target ``columns``.
 
     ``key_column`` is one of ``KEY_COLUMNS`` or, with ``join_on`` (and ``namespace`` when the
-    column holds raw identifiers), any column name. Raw identifiers need ``key``.
+    column holds raw identifiers), any column name. Raw identifiers need ``key``. ``kinds``
+    (column -> one of ``COLUMN_KINDS``, default "auto") checks every cell as it is read: the
+    cells that do not fit are counted and the first one's row named, before any image is read.
     """
     path = Path(path)
     if not path.is_file():
@@ -127,13 +167,22 @@ def load_label_table(
             f"{path}: key column {key_column!r} holds raw identifiers; a pseudonymisation key is needed"
         )
     columns = list(columns)
-    header, rows = _read_rows(path)
+    kinds = {c: (kinds or {}).get(c, "auto") for c in columns}
+    header, rows, first_row, types = _read_rows(path, [key_column, *columns])
     missing = [c for c in [key_column, *columns] if c not in header]
     if missing:
         raise LabelTableError(f"{path}: missing columns {missing}")
+    key_type = types.get(key_column, "string")
+    if not key_type.startswith(("string", "large_string", "dictionary")):
+        raise LabelTableError(
+            f"{path}: key column {key_column!r} is stored as {key_type}; identifiers must be text "
+            "(as a number they lose leading zeros and match no study): write it as strings"
+        )
 
     table = LabelTable(join_on=join_on, columns=columns, source=path.name)
-    for i, row in enumerate(rows, start=2):  # row 1 is the header
+    bad: dict[str, list[int]] = {}  # column -> [count, first row]
+    comma: set[str] = set()
+    for i, row in enumerate(rows, start=first_row):
         raw = row.get(key_column)
         ident = "" if raw is None else str(raw).strip()
         if not ident:
@@ -142,7 +191,20 @@ def load_label_table(
             ident = key.pseudonym(namespace, ident)  # type: ignore[union-attr]
         if ident in table.rows:
             raise LabelTableError(f"{path}: row {i} repeats the key of an earlier row")
-        table.rows[ident] = {c: _parse(row.get(c)) for c in columns}
+        values = {c: _parse(row.get(c), kinds[c]) for c in columns}
+        for c, v in values.items():
+            if _invalid(v, kinds[c]):
+                bad.setdefault(c, [0, i])[0] += 1
+                if isinstance(v, str) and _DECIMAL_COMMA.match(v):
+                    comma.add(c)
+        table.rows[ident] = values
+    if bad:
+        problems = "; ".join(
+            f"column {c!r}: {n} cells are not {_EXPECTED[kinds[c]]}, the first in row {first}"
+            + (" (a decimal comma? write 0.52, not 0,52)" if c in comma else "")
+            for c, (n, first) in bad.items()
+        )
+        raise LabelTableError(f"{path}: {problems}")
     return table
 
 

@@ -131,6 +131,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
             )
         )
     print_summary("finetune (test split)", rows, columns=("task", "metric", "value", "95% CI"))
+    labels, exclusion = result.get("labels") or {}, result.get("exclusion") or {}
+    print(f"label rows that found a study: {labels.get('joined')} of {labels.get('rows')}; "
+          f"patients left out by the exclusion list: {exclusion.get('excluded_patients', 0)}")  # fmt: skip
     return 0
 
 

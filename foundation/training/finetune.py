@@ -189,8 +189,16 @@ def labels_for(
         key = load_key(lab.key_file)
     if raw and manifest.get("key_id") and manifest["key_id"] != key.key_id:  # type: ignore[union-attr]
         raise ValueError(f"{cfg.data.manifest}: data built under another pseudonymisation key")
+    kind = {"regression": "number", "binary": "binary", "multilabel": "binary"}
+    kinds = {c: kind.get(t.type, "class") for t in cfg.tasks for c in t.label_columns}
     return load_label_table(
-        lab.path, lab.key_column, columns, key, join_on=lab.join_on, namespace=lab.namespace
+        lab.path,
+        lab.key_column,
+        columns,
+        key,
+        join_on=lab.join_on,
+        namespace=lab.namespace,
+        kinds=kinds,
     )
 
 
@@ -273,6 +281,9 @@ def run_finetune(
         "version": exclusion.version,
         "excluded_patients": len(exclusion.patients),  # of this manifest, read by no head
     }
+    # label rows that found a study: a table keyed by identifiers the data does not hold (a
+    # number that lost its leading zeros, another site's) shows here, not as a smaller cohort
+    result["labels"] = {"rows": len(table), "joined": len(table.joined)}
     result["split"].save(out / "split.json")
     return _finish(cfg, loaded, result, out)
 
@@ -363,6 +374,7 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
         },
         "evaluation": split.method,
         "exclusion": result["exclusion"],
+        "labels": result["labels"],
         "n_studies": {n: len(v) for n, v in split.studies.items()},
         "tasks": tasks_out,
     }
