@@ -130,6 +130,41 @@ def test_text_encoder_and_tokenizer_are_exported(trained, tmp_path: Path) -> Non
     assert torch.allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-6)
 
 
+def test_the_tokenizer_the_run_trained_with_is_exported_without_asking(trained, tmp_path) -> None:
+    _, clean = trained
+    ckpt = torch.load(clean, weights_only=False)
+    ckpt["datamodule_hyper_parameters"] = {"tokenizer_dir": str(_tokenizer(tmp_path / "tok"))}
+    torch.save(ckpt, tmp_path / "with_data.ckpt")
+    out = export_encoder(tmp_path / "with_data.ckpt", tmp_path / "enc")
+    assert json.loads((out / "config.json").read_text())["text"]["dir"] == "text"
+    assert (out / "tokenizer").is_dir()
+    # moved since: the vision encoder is exported, the text one is not, and it says why
+    ckpt["datamodule_hyper_parameters"] = {"tokenizer_dir": str(tmp_path / "gone")}
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.warns(UserWarning, match="gone.*is not there"):
+        out = export_encoder(tmp_path / "moved.ckpt", tmp_path / "enc2")
+    assert json.loads((out / "config.json").read_text())["text"] is None
+
+
+def test_an_export_is_replaced_whole_or_not_at_all(trained, tmp_path: Path) -> None:
+    _, ckpt = trained
+    out = export_encoder(ckpt, tmp_path / "enc", tokenizer_dir=_tokenizer(tmp_path / "tok"))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match="tokenizer directory not found"):
+        export_encoder(ckpt, out, tokenizer_dir=tmp_path / "missing")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the failed export touched nothing
+    assert not list(tmp_path.glob(".enc.*"))
+    export_encoder(ckpt, out)  # a vision-only export replaces the earlier one, text and all
+    assert not (out / "text").exists() and not (out / "tokenizer").exists()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "readme.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="not an export; refusing"):
+        export_encoder(ckpt, other)
+    assert (other / "readme.txt").read_text(encoding="utf-8") == "mine"
+
+
 def test_exported_dir_and_state_dict_files_load_as_encoders(trained, tmp_path: Path) -> None:
     module, ckpt = trained
     out = export_encoder(ckpt, tmp_path / "enc")

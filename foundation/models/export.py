@@ -302,38 +302,75 @@ def _json_safe(value: Any) -> Any:
     return None  # objects (keys, tensors, paths) are dropped rather than stringified
 
 
+def _recorded_tokenizer(ckpt: Any) -> Path | None:
+    """The tokenizer folder a pretraining checkpoint names (its data module's), if any."""
+    if not isinstance(ckpt, dict):
+        return None
+    for section in ("foundation", "datamodule_hyper_parameters", "hyper_parameters"):
+        value = (ckpt.get(section) or {}).get("tokenizer_dir")
+        if value:
+            return Path(value)
+    return None
+
+
+def _replace_export(tmp: Path, out: Path) -> None:
+    """Put the finished export ``tmp`` at ``out``: an earlier export there is replaced whole (no
+    mix of new weights and an old config); any other non-empty folder is refused."""
+    if out.exists():
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            shutil.rmtree(tmp)
+            raise CheckpointError(f"{out}: not empty and not an export; refusing to replace it")
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def export_encoder(
     ckpt_path: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None
 ) -> Path:
     """Export the vision encoder (and text encoder + tokenizer when known) of a checkpoint.
 
     Writes ``out_dir/vision.safetensors`` and ``out_dir/config.json``; with a tokenizer
-    (``tokenizer_dir`` or one recorded in the checkpoint) also ``out_dir/text/`` (transformers
-    format) and ``out_dir/tokenizer/``.
+    (``tokenizer_dir``, else the one the checkpoint's data module read, when it is still there)
+    also ``out_dir/text/`` (transformers format) and ``out_dir/tokenizer/``. The export is
+    built beside ``out_dir`` and moved there whole, so a failed export leaves nothing half
+    written, and an earlier export at ``out_dir`` is replaced.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_vision_encoder(ckpt_path)
-    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(out / "vision.safetensors"), metadata={"format": "pt"})
-    ckpt = read_checkpoint(ckpt_path)
-    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    config: dict[str, Any] = {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
-        "vision": dataclasses.asdict(loaded.model.cfg),
-        "lineage": _json_safe(loaded.lineage),
-        "source_checkpoint_sha256": loaded.identity,
-        "text": None,
-    }
-    recorded = (
-        (ckpt.get("foundation") or {}).get("tokenizer_dir") if isinstance(ckpt, dict) else None
-    )
-    recorded = recorded or (hparams.get("tokenizer_dir") if isinstance(hparams, dict) else None)
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else (Path(recorded) if recorded else None)
-    if tok_dir is not None:
-        config["text"] = _export_text(ckpt_path, out, tok_dir)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.exporting")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a previous export that died midway
+    tmp.mkdir()
+    try:
+        loaded = load_vision_encoder(ckpt_path)
+        state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()}
+        save_file(state, str(tmp / "vision.safetensors"), metadata={"format": "pt"})
+        config: dict[str, Any] = {
+            "format": EXPORT_FORMAT,
+            "format_version": EXPORT_VERSION,
+            "vision": dataclasses.asdict(loaded.model.cfg),
+            "lineage": _json_safe(loaded.lineage),
+            "source_checkpoint_sha256": loaded.identity,
+            "text": None,
+        }
+        tok_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        if tok_dir is None:
+            recorded = _recorded_tokenizer(read_checkpoint(ckpt_path))
+            if recorded is not None and recorded.is_dir():
+                tok_dir = recorded
+            elif recorded is not None:
+                warnings.warn(
+                    f"{ckpt_path}: the tokenizer it was trained with ({recorded}) is not there;"
+                    " the text encoder is not exported (give --tokenizer)",
+                    stacklevel=2,
+                )
+        if tok_dir is not None:
+            config["text"] = _export_text(ckpt_path, tmp, tok_dir)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_export(tmp, out)
     return out
 
 
