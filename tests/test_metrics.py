@@ -233,3 +233,19 @@ def test_json_clean_leaves_strict_json() -> None:
     clean = json_clean({"auroc": {"value": math.nan, "ci": [math.nan, math.inf]}, "n": [1, 2.5]})
     assert clean == {"auroc": {"value": None, "ci": [None, None]}, "n": [1, 2.5]}
     json.dumps(clean, allow_nan=False)
+
+
+def test_a_grouped_bootstrap_resamples_whole_patients() -> None:
+    # patient A has two studies (targets 1, 1), patient B one (target 0)
+    y = np.array([1.0, 1.0, 0.0])
+    seen: list[tuple[int, float]] = []
+
+    def record(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+        seen.append((len(a), float(a.sum())))
+        return {"mean": float(a.mean())}
+
+    bootstrap_ci(record, y, y, n=200, seed=0, groups=np.array(["A", "A", "B"]))
+    assert set(seen) == {(4, 4.0), (3, 2.0), (2, 0.0)}  # AA, AB, BB: never half a patient
+    seen.clear()
+    bootstrap_ci(record, y, y, n=200, seed=0)  # by study: three draws of single studies
+    assert {n for n, _ in seen} == {3} and (3, 1.0) in seen

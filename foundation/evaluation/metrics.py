@@ -194,13 +194,25 @@ def bootstrap_ci(
     n: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    groups: np.ndarray | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap intervals of every metric ``fn`` returns (cases resampled jointly)."""
+    """Percentile bootstrap intervals of every metric ``fn`` returns (cases resampled jointly).
+
+    ``groups`` (one label per case, e.g. the patient of each study): whole groups are resampled
+    (a cluster bootstrap), since the studies of one patient are not independent draws;
+    resampling them one by one would give intervals too narrow."""
     y, p = np.asarray(y_true), np.asarray(y_pred)
     rng = np.random.default_rng(seed)
+    members: list[np.ndarray] | None = None
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     draws: dict[str, list[float]] = {}
     for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
+        if members is None:
+            idx = rng.integers(0, len(y), len(y))
+        else:
+            idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         for name, value in fn(y[idx], p[idx]).items():
             draws.setdefault(name, []).append(value)
     alpha = (1.0 - level) / 2.0
@@ -225,8 +237,10 @@ def evaluate_predictions(
     seed: int = 0,
     level: float = 0.95,
     target_transform: str | None = None,
+    groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, float | list[float]]]:
-    """``{metric: {"value": x, "ci": [lo, hi]}}`` with a seeded percentile bootstrap.
+    """``{metric: {"value": x, "ci": [lo, hi]}}`` with a seeded percentile bootstrap, of whole
+    ``groups`` (the patient of each study) when given.
 
     ``target_transform="log1p"`` (regression): also every metric on ``log1p`` of both sides,
     named with ``_log1p``, its interval from the same resamples."""
@@ -249,6 +263,7 @@ def evaluate_predictions(
             n=n_bootstrap,
             seed=seed,
             level=level,
+            groups=groups,
         )
     nan = float("nan")
     return {

@@ -303,7 +303,7 @@ def fit_probes(
     ``split.kfold > 1`` with ``split.fold == POOLED``: one probe per fold, fitted on the other
     folds' patients, predicts its fold, so every study gets one out-of-fold prediction; else
     the test studies of the config's split. Returns ``{"split", "predictions", "rows",
-    "losses", "probe"}`` (predictions: ``{task: {study: decoded prediction}}``).
+    "losses", "probe", "study_patient"}`` (predictions: ``{task: {study: decoded prediction}}``).
     """
     from foundation.training import finetune as ft
 
@@ -344,6 +344,7 @@ def fit_probes(
         "rows": rows,
         "losses": losses,
         "probe": probe,
+        "study_patient": study_patient,
     }
 
 

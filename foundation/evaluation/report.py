@@ -35,7 +35,7 @@ def results_markdown(summary: dict[str, dict[str, Any]], title: str = "Biomarker
     lines = [
         f"# {title}",
         "",
-        f"Evaluation: {'; '.join(modes)}. 95% percentile bootstrap intervals in brackets.",
+        f"Evaluation: {'; '.join(modes)}. 95% percentile bootstrap intervals in brackets (patients resampled).",
         "Mean predictor: the mean (or class shares) of the targets each fold was fitted on, "
         "the floor a head must beat.",
         "",

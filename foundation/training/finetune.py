@@ -313,7 +313,13 @@ def _run_module_job(cfg, loaded, table, samples, transform) -> dict[str, Any]:
     }
     train_module(module, items["train"], items["val"], cfg.train)
     preds = predict_studies(module, items["test"], cfg.train.batch_size)
-    return {"split": split, "predictions": preds, "rows": data.rows, "losses": module.losses}
+    return {
+        "split": split,
+        "predictions": preds,
+        "rows": data.rows,
+        "losses": module.losses,
+        "study_patient": data.study_patient,
+    }
 
 
 def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path) -> dict[str, Any]:
@@ -338,6 +344,8 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "seed": ev.seed,
             "level": ev.level,
             "target_transform": t.target_transform,
+            # intervals resample patients: their studies are not independent draws
+            "groups": np.array([result["study_patient"][s] for s in studies]),
         }
         if t.type == "binary" and len(set(y_true.tolist())) < 2:
             log.warning(
@@ -373,8 +381,8 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
             "load_report": str(loaded.report) if loaded.report else None,
         },
         "evaluation": split.method,
-        "exclusion": result["exclusion"],
-        "labels": result["labels"],
+        "exclusion": result.get("exclusion"),
+        "labels": result.get("labels"),
         "n_studies": {n: len(v) for n, v in split.studies.items()},
         "tasks": tasks_out,
     }
