@@ -386,6 +386,31 @@ def test_run_finetune_through_the_encoder(
     res = run_finetune(cfg, _key(), transform=_transform(2))
     assert res["losses"] and all(math.isfinite(x) for x in res["losses"])
     assert res["tasks"]["cardiomegaly"]["n_test"] > 0
+    # the test split is predicted by the weights of the best validation epoch
+    val = res["training"]["val_losses"]
+    assert len(val) == cfg["train"]["epochs"]
+    assert res["training"]["best_epoch"] == int(np.argmin(val))
+
+
+def test_the_weights_of_the_best_validation_epoch_are_kept() -> None:
+    from foundation.training.finetune_module import KeepBestWeights
+
+    class Stub(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    module, keep = Stub(), KeepBestWeights()
+    trainer = type(
+        "T", (), {"sanity_checking": False, "current_epoch": 0, "callback_metrics": {}}
+    )()
+    for epoch, (w, loss) in enumerate([(1.0, 0.9), (2.0, 0.4), (3.0, 0.7)]):
+        module.w.data.fill_(w)
+        trainer.current_epoch, trainer.callback_metrics = epoch, {"val/loss": torch.tensor(loss)}
+        keep.on_validation_epoch_end(trainer, module)
+    keep.on_fit_end(trainer, module)
+    assert keep.best_epoch == 1 and keep.val_losses == pytest.approx([0.9, 0.4, 0.7])
+    assert float(module.w) == 2.0  # epoch 1's weights, not the last epoch's
 
 
 def test_pooling_modes_and_multitask_loss_masks_missing() -> None:

@@ -319,6 +319,7 @@ def _run_module_job(cfg, loaded, table, samples, transform) -> dict[str, Any]:
         "rows": data.rows,
         "losses": module.losses,
         "study_patient": data.study_patient,
+        "training": {"best_epoch": module.best_epoch, "val_losses": module.val_losses},
     }
 
 
@@ -386,6 +387,8 @@ def _finish(cfg: FinetuneConfig, loaded: LoadedEncoder, result: dict, out: Path)
         "n_studies": {n: len(v) for n, v in split.studies.items()},
         "tasks": tasks_out,
     }
+    if result.get("training"):  # the epoch whose weights predicted the test split
+        results["training"] = result["training"]
     if result.get("probe"):
         results["probe"] = result["probe"]  # e.g. the CV-chosen ridge penalty of each fold
     (out / "metrics.json").write_text(

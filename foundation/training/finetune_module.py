@@ -9,6 +9,8 @@ cached embeddings take the other path (``foundation.evaluation.probe``).
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from torch import Tensor
@@ -42,6 +44,8 @@ class FinetuneModule(L.LightningModule):
         self.freeze, self.layer_decay = freeze, layer_decay
         self.lr, self.weight_decay = lr, weight_decay
         self.losses: list[float] = []  # training loss per step (for tests and reports)
+        self.val_losses: list[float] = []  # validation loss per epoch (train_module)
+        self.best_epoch: int | None = None  # the epoch whose weights train_module kept
         self.vision.requires_grad_(freeze == "full")
         if freeze == "last_k":
             k = max(1, unfreeze_last_k)
@@ -140,10 +144,36 @@ def series_items(
     return items
 
 
+class KeepBestWeights(L.Callback):
+    """Keeps, in memory, the weights of the epoch with the lowest ``val/loss`` and puts them
+    back when fitting ends: the test split is predicted by the model the validation split
+    chose, not by whatever the last epoch left (``val_losses``: one per epoch)."""
+
+    def __init__(self) -> None:
+        self.best_epoch: int | None = None
+        self.val_losses: list[float] = []
+        self._state: dict[str, Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None or trainer.sanity_checking:
+            return
+        self.val_losses.append(float(loss))
+        if self.best_epoch is None or float(loss) < min(self.val_losses[:-1], default=math.inf):
+            self.best_epoch = trainer.current_epoch
+            self._state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._state is not None:
+            pl_module.load_state_dict(self._state)
+
+
 def train_module(
     module: FinetuneModule, train_items: list[dict], val_items: list[dict], cfg: TrainConfig
 ) -> FinetuneModule:
-    """Fit ``module`` with a CPU/GPU Lightning trainer (no logger, no checkpoints)."""
+    """Fit ``module`` with a CPU/GPU Lightning trainer (no logger, no checkpoints); with
+    validation items, the weights of the best validation epoch are the ones returned
+    (``module.best_epoch``, ``module.val_losses``)."""
     from torch.utils.data import DataLoader
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -151,6 +181,7 @@ def train_module(
     val = (
         DataLoader(val_items, batch_size=cfg.batch_size, collate_fn=_collate) if val_items else None
     )
+    best = KeepBestWeights()
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         logger=False,
@@ -159,8 +190,10 @@ def train_module(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
+        callbacks=[best],
     )
     trainer.fit(module, loader, val)
+    module.best_epoch, module.val_losses = best.best_epoch, best.val_losses
     return module
 
 
