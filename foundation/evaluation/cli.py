@@ -130,7 +130,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
                 f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "-",
             )
         )
-    print_summary("finetune (test split)", rows, columns=("task", "metric", "value", "95% CI"))
+    level = float((config.get("eval") or {}).get("level", 0.95))
+    print_summary(
+        "finetune (test split)", rows, columns=("task", "metric", "value", f"{level:.0%} CI")
+    )
     labels, exclusion = result.get("labels") or {}, result.get("exclusion") or {}
     print(f"label rows that found a study: {labels.get('joined')} of {labels.get('rows')}; "
           f"patients left out by the exclusion list: {exclusion.get('excluded_patients', 0)}")  # fmt: skip

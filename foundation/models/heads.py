@@ -38,6 +38,7 @@ class TaskSpec:
     target_transform: str | None = None  # None | "log1p" (regression only)
     # compared between encoders; log1p tasks also have mae_log1p, rmse_log1p, r2_log1p, ...
     metric: str | None = None  # headline metric (default mae / auroc by type)
+    # the Lightning path only (frozen + attention pooling, last_k, full); probes ignore them
     hidden: int = 0  # 0: linear head; >0: MLP with one hidden layer of this width
     dropout: float = 0.0
     weight: float = 1.0  # share of this task in the multi-task loss

@@ -62,12 +62,16 @@ class SplitConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 16
+    # Which path reads what: linear_probe fits ridge/logistic with a cross-validated penalty
+    # (none of the optimiser fields); mlp_probe reads probe_steps, lr, weight_decay; the
+    # Lightning path (frozen with attention pooling, last_k, full) reads epochs, lr,
+    # weight_decay, batch_size and the tasks' hidden/dropout/weight.
+    epochs: int = 20  # Lightning path only
+    lr: float = 1e-3  # mlp_probe and the Lightning path
+    weight_decay: float = 1e-4  # mlp_probe and the Lightning path
+    batch_size: int = 16  # the encoder pass (every path) and Lightning training
     seed: int = 0
-    probe_steps: int = 300
+    probe_steps: int = 300  # mlp_probe only
 
 
 @dataclass
