@@ -510,6 +510,9 @@ def test_label_tables(tmp_path: Path) -> None:
     assert math.isnan(table.rows[key.pseudonym("accession", "A2")]["y"])
     by_patient = load_label_table(path, "patient_id", ["y"], key)
     assert by_patient.lookup({"patient": key.patient("P1")}) == {"y": 1.5}
+    # naming the join explicitly does not stop a raw column from being hashed
+    explicit = load_label_table(path, "accession_number", ["y"], key, join_on="accession")
+    assert explicit.rows == table.rows
     with pytest.raises(LabelTableError, match="pseudonymisation key"):
         load_label_table(path, "accession_number", ["y"], None)
     with pytest.raises(LabelTableError, match="missing columns"):

@@ -160,6 +160,8 @@ def load_label_table(
                 "give join_on (study|accession|patient) for another name"
             )
         join_on, namespace = KEY_COLUMNS[key_column]
+    elif namespace is None and key_column in KEY_COLUMNS:
+        namespace = KEY_COLUMNS[key_column][1]  # a raw column is hashed whatever join_on says
     if join_on not in ("study", "accession", "patient"):
         raise LabelTableError(f"{path}: join_on must be study, accession or patient")
     if namespace is not None and key is None:
