@@ -37,6 +37,7 @@ from foundation.data.transforms import EvalTransform
 from foundation.ingest.preprocess import PreprocessConfig, preprocess
 from foundation.ingest.volume import Volume
 from foundation.models.vision import VisionConfig, VisionTransformer
+from foundation.sample import MODALITIES
 from foundation.synthetic.anatomy import calcium_score, render_ct, sample_patient
 from foundation.synthetic.geometry import CT_ORIENTATIONS, draw_ct_stack
 
@@ -90,7 +91,8 @@ class PooledViT(nn.Module):
         self.vit = VisionTransformer(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.vit(x, torch.ones(len(x), dtype=torch.long)).pooled  # modality 1: CT
+        modality = torch.full((len(x),), MODALITIES.index("CT"), dtype=torch.long)
+        return self.vit(x, modality).pooled
 
 
 def train_and_test(

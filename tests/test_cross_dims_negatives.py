@@ -3,6 +3,8 @@ other dimensionality (batches are all 2D or all 3D, retrieval mixes them)."""
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -133,6 +135,9 @@ def test_held_batches_of_another_world_size_are_shared_out_with_a_warning() -> N
     with pytest.warns(UserWarning, match="of 2 ranks and this run has 1"):
         held = load_held(written)
     assert torch.equal(held[3][1], pair[1])  # rank 0 takes rank 0's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading weights to evaluate or export: no warning
+        assert torch.equal(load_held(written, resuming=False)[3][0], pair[0])
     assert load_held({}) == {}
     one = {HELD_NEGATIVES: {"2": pair}}
     assert torch.equal(load_held(one)[2][0], pair[0])  # single-process checkpoints load as before

@@ -157,12 +157,22 @@ def test_an_export_is_replaced_whole_or_not_at_all(trained, tmp_path: Path) -> N
     assert not list(tmp_path.glob(".enc.*"))
     export_encoder(ckpt, out)  # a vision-only export replaces the earlier one, text and all
     assert not (out / "text").exists() and not (out / "tokenizer").exists()
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "readme.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(CheckpointError, match="not an export; refusing"):
-        export_encoder(ckpt, other)
-    assert (other / "readme.txt").read_text(encoding="utf-8") == "mine"
+    for name, files in (
+        ("notes", {"readme.txt": "mine"}),  # another library's model folder:
+        ("hf", {"config.json": '{"model_type": "bert"}', "model.bin": "w"}),
+    ):
+        other = tmp_path / name
+        other.mkdir()
+        for f, text in files.items():
+            (other / f).write_text(text, encoding="utf-8")
+        with pytest.raises(CheckpointError, match="not an export; refusing"):
+            export_encoder(ckpt, other)
+        assert {p.name: p.read_text(encoding="utf-8") for p in other.iterdir()} == files
+    # an export that died mid-swap: the earlier one is put back before the next export runs
+    (out).rename(tmp_path / ".enc.replaced")
+    (tmp_path / ".enc.exporting").mkdir()
+    export_encoder(ckpt, out)
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".enc.*"))
 
 
 def test_exported_dir_and_state_dict_files_load_as_encoders(trained, tmp_path: Path) -> None:

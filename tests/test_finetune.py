@@ -280,7 +280,12 @@ def test_excluded_patients_reach_no_head_and_no_cache(
     excl = ExclusionList([ExclusionEntry(p, "opposition", "2026-01-02") for p in opted_out],
                          key_id=key.key_id)  # fmt: skip
     excl.save(tmp_path / "exclusion.json")
+    legacy, other_entry = cache / ("0" * 32 + ".npz"), cache / ("a" * 32 + "-" + "b" * 32 + ".npz")
+    for f in (legacy, other_entry):  # a cache of the old key format, one of another encoder
+        f.write_bytes(b"x")
     run("opted", tmp_path / "exclusion.json")
+    assert not legacy.exists() and other_entry.exists()
+    other_entry.unlink()
 
     split = json.loads((tmp_path / "opted" / "split.json").read_text())
     assert not their_studies & {s for ss in split["studies"].values() for s in ss}
@@ -344,7 +349,9 @@ def test_probe_suite_compares_pretrained_and_random(
     results = run_probe_suite(
         checkpoint, cohort["manifest"], cohort["labels"], tasks, _key(), out,
         n_bootstrap=50, transform=transform,
-        overrides={"data.image_size": None, "train.probe_steps": 60, "split.fractions": [0.5, 0.2, 0.3]},
+        # the shipped configs name the demo's exclusion list: this cohort has none
+        overrides={"data.image_size": None, "train.probe_steps": 60, "split.fractions": [0.5, 0.2, 0.3],
+                   "data.exclusion_list": None},
     )  # fmt: skip
     assert set(results) == {"cardiothoracic_ratio", "cardiomegaly", "calcium_score"}
     headline = {
@@ -404,13 +411,13 @@ def test_the_weights_of_the_best_validation_epoch_are_kept() -> None:
     trainer = type(
         "T", (), {"sanity_checking": False, "current_epoch": 0, "callback_metrics": {}}
     )()
-    for epoch, (w, loss) in enumerate([(1.0, 0.9), (2.0, 0.4), (3.0, 0.7)]):
+    for epoch, (w, loss) in enumerate([(0.5, math.nan), (1.0, 0.9), (2.0, 0.4), (3.0, 0.7)]):
         module.w.data.fill_(w)
         trainer.current_epoch, trainer.callback_metrics = epoch, {"val/loss": torch.tensor(loss)}
         keep.on_validation_epoch_end(trainer, module)
     keep.on_fit_end(trainer, module)
-    assert keep.best_epoch == 1 and keep.val_losses == pytest.approx([0.9, 0.4, 0.7])
-    assert float(module.w) == 2.0  # epoch 1's weights, not the last epoch's
+    assert keep.best_epoch == 2 and keep.val_losses[1:] == pytest.approx([0.9, 0.4, 0.7])
+    assert float(module.w) == 2.0  # epoch 2's weights: not the last, and a NaN never wins
 
 
 def test_pooling_modes_and_multitask_loss_masks_missing() -> None:
@@ -538,7 +545,7 @@ def test_label_cells_are_checked_by_the_task_that_reads_them(tmp_path: Path) -> 
     with pytest.raises(LabelTableError) as err:
         load_label_table(path, "accession_number", columns, key, kinds=kinds)
     message = str(err.value)
-    assert "column 'ratio': 2 cells are not a number, the first in row 3" in message
+    assert "column 'ratio': 2 cells are not a finite number, the first in row 3" in message
     assert "decimal comma" in message
     assert (
         "column 'flag': 1 cells are not 0 or 1 (true/false, yes/no), the first in row 4" in message
@@ -573,6 +580,21 @@ def test_parquet_label_tables_need_text_identifiers(tmp_path: Path) -> None:
     pq.write_table(pa.table({"accession_number": [12, 34], "y": [1.5, 2.5]}), as_numbers)
     with pytest.raises(LabelTableError, match=r"stored as int64; identifiers must be text"):
         load_label_table(as_numbers, "accession_number", ["y"], key)
+    # a categorical column: dictionary-encoded numbers are refused, dictionary-encoded text read
+    for values, ok in (([12, 34], False), (["0012", "0034"], True)):
+        coded = pa.array(values).dictionary_encode()
+        pq.write_table(pa.table({"accession_number": coded, "y": [1.5, 2.5]}), tmp_path / "d.pq")
+        if ok:
+            assert len(load_label_table(tmp_path / "d.pq", "accession_number", ["y"], key)) == 2
+        else:
+            with pytest.raises(LabelTableError, match="identifiers must be text"):
+                load_label_table(tmp_path / "d.pq", "accession_number", ["y"], key)
+    inf = tmp_path / "inf.parquet"
+    pq.write_table(pa.table({"accession_number": ["1", "2"], "y": [1.5, float("inf")]}), inf)
+    with pytest.raises(
+        LabelTableError, match="1 cells are not a finite number, the first in row 2"
+    ):
+        load_label_table(inf, "accession_number", ["y"], key, kinds={"y": "number"})
 
 
 def test_finetune_configs_load() -> None:

@@ -249,3 +249,8 @@ def test_a_grouped_bootstrap_resamples_whole_patients() -> None:
     seen.clear()
     bootstrap_ci(record, y, y, n=200, seed=0)  # by study: three draws of single studies
     assert {n for n, _ in seen} == {3} and (3, 1.0) in seen
+    # one patient: every resample is the whole set, so there is no interval to give
+    one = bootstrap_ci(record, y, y, n=20, groups=np.array(["A", "A", "A"]))
+    assert all(math.isnan(v) for v in one["mean"])
+    with pytest.raises(ValueError, match="2 group labels for 3 cases"):
+        bootstrap_ci(record, y, y, n=20, groups=np.array(["A", "B"]))

@@ -99,19 +99,33 @@ def _invalid(value: Any, kind: str) -> bool:
     """Whether a parsed cell does not fit its column's kind (missing cells always fit)."""
     if is_missing(value) or kind in ("class", "auto"):
         return False
-    if not isinstance(value, float):
-        return True
+    if not isinstance(value, float) or not math.isfinite(value):
+        return True  # text, or an infinite ratio (x/0) a regression cannot fit
     return kind == "binary" and value not in (0.0, 1.0)
 
 
-_EXPECTED = {"number": "a number", "binary": "0 or 1 (true/false, yes/no)"}
+_EXPECTED = {"number": "a finite number", "binary": "0 or 1 (true/false, yes/no)"}
+
+
+def _parquet_kind(t: Any) -> str:
+    """ "text" for a column of strings (plain, large, view, or dictionary-encoded strings), else
+    the Arrow type's name."""
+    import pyarrow as pa
+
+    value = t.value_type if pa.types.is_dictionary(t) else t
+    is_text = (
+        pa.types.is_string(value)
+        or pa.types.is_large_string(value)
+        or getattr(pa.types, "is_string_view", lambda _: False)(value)
+    )
+    return "text" if is_text else str(t)
 
 
 def _read_rows(
     path: Path, wanted: list[str]
 ) -> tuple[list[str], Iterable[dict[str, Any]], int, dict[str, str]]:
     """Header, rows (only the ``wanted`` columns for Parquet), the number of the first data
-    row, and the Parquet type of each column (empty for CSV)."""
+    row, and each Parquet column's kind ("text" or its Arrow type; empty for CSV)."""
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
             import pyarrow.parquet as pq
@@ -119,7 +133,7 @@ def _read_rows(
             raise LabelTableError(f"{path}: reading Parquet needs pyarrow; use CSV") from err
         schema = pq.read_schema(path)
         header = list(schema.names)
-        types = {name: str(schema.field(name).type) for name in header}
+        types = {name: _parquet_kind(schema.field(name).type) for name in header}
         present = [c for c in dict.fromkeys(wanted) if c in header]
         return header, pq.read_table(path, columns=present).to_pylist(), 1, types
     f = path.open(newline="", encoding="utf-8-sig")
@@ -174,8 +188,10 @@ def load_label_table(
     missing = [c for c in [key_column, *columns] if c not in header]
     if missing:
         raise LabelTableError(f"{path}: missing columns {missing}")
-    key_type = types.get(key_column, "string")
-    if not key_type.startswith(("string", "large_string", "dictionary")):
+    key_type = types.get(key_column, "text")  # CSV cells are text
+    if key_type == "null":
+        raise LabelTableError(f"{path}: key column {key_column!r} holds no value")
+    if key_type != "text":
         raise LabelTableError(
             f"{path}: key column {key_column!r} is stored as {key_type}; identifiers must be text "
             "(as a number they lose leading zeros and match no study): write it as strings"
@@ -246,11 +262,12 @@ def source_samples(
 
 @dataclass
 class Exclusion:
-    """The patients an exclusion list removes from a manifest, and what was dropped."""
+    """The patients of an exclusion list, and what they removed from a run."""
 
-    patients: frozenset[str] = frozenset()
+    patients: frozenset[str] = frozenset()  # the whole list: any sample's patient is tested
     version: str | None = None
-    dropped: int = 0  # samples of those patients skipped so far
+    in_dataset: int = 0  # of them, patients the manifest lists
+    dropped: int = 0  # samples skipped so far
 
     def drop(self, samples: Iterable[Sample]) -> Iterator[Sample]:
         """``samples`` without those of the excluded patients (counted in ``dropped``)."""
@@ -262,18 +279,18 @@ class Exclusion:
 
 
 def load_exclusion(manifest: str | Path, exclusion_list: str | Path | None) -> Exclusion:
-    """The manifest's patients in ``exclusion_list`` (none when None). A list made under
-    another pseudonymisation key than the manifest's is refused, naming the list."""
+    """The patients of ``exclusion_list`` (none when None). Samples are tested against the
+    whole list, not only the patients the manifest lists (its records may be incomplete, and
+    samples may come from elsewhere). A list made under another pseudonymisation key than the
+    manifest's is refused, naming the list."""
     if not exclusion_list:
         return Exclusion()
     from foundation.data.exclusion_filter import load_excluded, load_exclusion_list
     from foundation.shards.manifest import Manifest
 
     m = Manifest.load(manifest)
-    patients, version = load_excluded(
-        str(exclusion_list), load_exclusion_list, m, frozenset(m.patients()), sync=False
-    )
-    return Exclusion(patients, version)
+    patients, version = load_excluded(str(exclusion_list), load_exclusion_list, m, None, sync=False)
+    return Exclusion(patients, version, in_dataset=len(patients & m.patients()))
 
 
 def select_samples(samples: Iterable[Sample], modality: str, dims: int | None) -> Iterator[Sample]:

@@ -205,8 +205,13 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     members: list[np.ndarray] | None = None
     if groups is not None:
+        if len(groups) != len(y):
+            raise ValueError(f"{len(groups)} group labels for {len(y)} cases")
         _, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+        members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max(initial=-1)) + 1)]
+        if len(members) < 2:  # every resample would be the whole set: no interval to give
+            nan = float("nan")
+            return {name: (nan, nan) for name in fn(y, p)}
     draws: dict[str, list[float]] = {}
     for _ in range(n):
         if members is None:

@@ -17,6 +17,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -128,20 +131,24 @@ def cached_embeddings(
     """Load ``cache_dir/<key>.npz`` or compute and store it (written atomically).
 
     Storing it removes the files of the same entry made from an older dataset version or
-    exclusion list (``cache_key``): they may hold the embeddings and pseudonyms of patients
-    erased or opted out since, which neither erasure nor the stream's filter reaches."""
+    exclusion list (``cache_key``), and the files of the older key format, which named no
+    version: they may hold the embeddings and pseudonyms of patients erased or opted out
+    since, which neither erasure nor the stream's filter reaches. Other entries (another
+    encoder, transform or dataset path) are left as they are."""
     path = cache_dir / f"{key}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     arrays = compute()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{key}.", suffix=".partial")
+    with os.fdopen(fd, "wb") as f:  # a name of its own: jobs sharing the folder never collide
+        np.savez(f, **arrays)
+    Path(tmp_name).replace(path)
     entry = key.split("-", 1)[0]
-    for older in cache_dir.glob(f"{entry}-*.npz"):
-        if older != path:
+    stale = re.compile(rf"^(?:{entry}-[0-9a-f]{{32}}|[0-9a-f]{{32}})\.npz$")
+    for older in cache_dir.iterdir():
+        if older != path and stale.match(older.name):
             older.unlink(missing_ok=True)
     return arrays
 

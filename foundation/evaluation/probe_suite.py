@@ -63,7 +63,8 @@ def run_probe_suite(
     """Probe every task on the pretrained encoder (if given) and on a random init of it.
 
     ``tasks``: finetune configs (paths, dicts or FinetuneConfig); ``exclusion_list``: the
-    patients no probe reads (its version is recorded in each run's metrics). ``overrides``:
+    patients no probe reads (its version is recorded in each run's metrics), else each task
+    config's ``data.exclusion_list``. ``overrides``:
     dotted config keys set on every task (e.g. ``{"data.image_size": [64, 64]}``). ``kfold``: ``k > 1``
     evaluates by patient-level k-fold cross-validation: a probe per fold, fitted on the other
     folds, predicts its fold, and the metrics and bootstrap intervals are computed on the
@@ -81,11 +82,11 @@ def run_probe_suite(
     plots: dict[str, dict[str, dict]] = {}
     for task in tasks:
         base = FinetuneConfig.from_any(task).to_dict()
-        # the data, list and key are the suite's, not those the task config names
+        # the suite's data and table; its exclusion list, else the one the task config names
         base["data"]["manifest"] = str(manifest)
-        base["data"]["exclusion_list"] = str(exclusion_list) if exclusion_list else None
+        if exclusion_list:
+            base["data"]["exclusion_list"] = str(exclusion_list)
         base["labels"]["path"] = str(label_table)
-        base["labels"]["key_file"] = None
         base["encoder"].update(
             freeze=f"{probe}_probe", checkpoint=str(checkpoint) if checkpoint else None
         )

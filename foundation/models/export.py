@@ -313,15 +313,46 @@ def _recorded_tokenizer(ckpt: Any) -> Path | None:
     return None
 
 
+EXPORT_ENTRIES = frozenset({"vision.safetensors", "config.json", "text", "tokenizer"})
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is absent, empty, or an export of ours and nothing
+    else (a model folder of another library also has a config.json)."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    others = {p.name for p in out.iterdir()} - EXPORT_ENTRIES
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT or others:
+        raise CheckpointError(f"{out}: not empty and not an export; refusing to replace it")
+
+
 def _replace_export(tmp: Path, out: Path) -> None:
-    """Put the finished export ``tmp`` at ``out``: an earlier export there is replaced whole (no
-    mix of new weights and an old config); any other non-empty folder is refused."""
+    """Swap the finished export ``tmp`` in at ``out``: the earlier export is moved aside first
+    and deleted last, so an interruption leaves one complete export (``_recover`` puts an
+    earlier one back)."""
+    old = out.with_name(f".{out.name}.replaced")
     if out.exists():
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            shutil.rmtree(tmp)
-            raise CheckpointError(f"{out}: not empty and not an export; refusing to replace it")
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _recover(out: Path) -> None:
+    """After an export that died mid-swap, put the earlier export back; drop a half build."""
+    old = out.with_name(f".{out.name}.replaced")
+    if old.exists():
+        if out.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(out)
+    tmp = out.with_name(f".{out.name}.exporting")
+    if tmp.exists():
+        shutil.rmtree(tmp)
 
 
 def export_encoder(
@@ -335,11 +366,11 @@ def export_encoder(
     built beside ``out_dir`` and moved there whole, so a failed export leaves nothing half
     written, and an earlier export at ``out_dir`` is replaced.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." has no name to build beside
     out.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out)
+    _check_replaceable(out)  # before any work: a foreign folder is never touched
     tmp = out.with_name(f".{out.name}.exporting")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a previous export that died midway
     tmp.mkdir()
     try:
         loaded = load_vision_encoder(ckpt_path)

@@ -279,7 +279,7 @@ def run_finetune(
         result = _run_module_job(cfg, loaded, table, samples, transform)
     result["exclusion"] = {
         "version": exclusion.version,
-        "excluded_patients": len(exclusion.patients),  # of this manifest, read by no head
+        "excluded_patients": exclusion.in_dataset,  # of this manifest, read by no head
     }
     # label rows that found a study: a table keyed by identifiers the data does not hold (a
     # number that lost its leading zeros, another site's) shows here, not as a smaller cohort

@@ -77,7 +77,8 @@ class FinetuneModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, _ = self.head.loss(self(batch["image"], batch["modality"]), batch["targets"])
-        self.log("val/loss", loss, batch_size=batch["image"].shape[0])
+        # averaged over ranks: every rank then keeps the same best epoch
+        self.log("val/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
 
     def layer_id(self, name: str) -> int:
         """0 for embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
@@ -152,15 +153,17 @@ class KeepBestWeights(L.Callback):
     def __init__(self) -> None:
         self.best_epoch: int | None = None
         self.val_losses: list[float] = []
+        self._best = math.inf
         self._state: dict[str, Tensor] | None = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loss = trainer.callback_metrics.get("val/loss")
         if loss is None or trainer.sanity_checking:
             return
-        self.val_losses.append(float(loss))
-        if self.best_epoch is None or float(loss) < min(self.val_losses[:-1], default=math.inf):
-            self.best_epoch = trainer.current_epoch
+        value = float(loss)
+        self.val_losses.append(value)
+        if math.isfinite(value) and value < self._best:  # a diverged (NaN) epoch never wins
+            self._best, self.best_epoch = value, trainer.current_epoch
             self._state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -43,14 +43,15 @@ def save_held(held: Held, checkpoint: dict[str, Any]) -> None:
         checkpoint[HELD_NEGATIVES] = every[0]
 
 
-def load_held(checkpoint: dict[str, Any]) -> Held:
+def load_held(checkpoint: dict[str, Any], *, resuming: bool = True) -> Held:
     """This rank's held batches from ``checkpoint`` (empty when it has none). Resumed on another
-    number of ranks than it was written by, rank r takes rank ``r mod n``'s, with a warning."""
+    number of ranks than it was written by, rank r takes rank ``r mod n``'s, with a warning
+    (``resuming=False``, e.g. loading weights to evaluate or export: no warning)."""
     rank, world = _rank_and_world()
     by_rank = checkpoint.get(HELD_NEGATIVES_BY_RANK)
     if by_rank:
         written = len(by_rank)
-        if written != world:
+        if written != world and resuming:
             warnings.warn(
                 f"the checkpoint holds the cross-dimensionality negatives of {written} ranks and "
                 f"this run has {world}: rank r resumes with those of rank r mod {written}, so "
@@ -60,7 +61,7 @@ def load_held(checkpoint: dict[str, Any]) -> Held:
         entry = by_rank[rank % written]
     else:
         entry = checkpoint.get(HELD_NEGATIVES) or {}
-        if entry and world > 1:
+        if entry and world > 1 and resuming:
             warnings.warn(
                 f"the checkpoint holds the cross-dimensionality negatives of one rank and this "
                 f"run has {world}: every rank resumes with them, so the resume is not exact",

@@ -329,4 +329,5 @@ class PretrainModule(L.LightningModule):
             save_held(self._last_batch_of, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._last_batch_of = load_held(checkpoint)
+        # a Trainer restoring a run resumes; load_from_checkpoint (export, evaluate) does not
+        self._last_batch_of = load_held(checkpoint, resuming=self._trainer is not None)
