@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from foundation.sample import Sample
 from foundation.shards.manifest import Manifest
 from foundation.shards.reader import decode_meta
 
@@ -102,3 +105,34 @@ def exclusion_filter(
             continue
         sample["meta"] = meta
         yield sample
+
+
+# ---- fine-tuning and evaluation: one list for a whole run ------------------------------------
+@dataclass
+class Exclusion:
+    """The patients of an exclusion list, and what they removed from a run."""
+
+    patients: frozenset[str] = frozenset()  # the whole list: any sample's patient is tested
+    version: str | None = None
+    in_dataset: int = 0  # of them, patients the manifest lists
+    dropped: int = 0  # samples skipped so far
+
+    def drop(self, samples: Iterable[Sample]) -> Iterator[Sample]:
+        """``samples`` without those of the excluded patients (counted in ``dropped``)."""
+        for s in samples:
+            if s.meta.get("patient") in self.patients:
+                self.dropped += 1
+                continue
+            yield s
+
+
+def load_exclusion(manifest: str | Path, exclusion_list: str | Path | None) -> Exclusion:
+    """The patients of ``exclusion_list`` (none when None). Samples are tested against the
+    whole list, not only the patients the manifest lists (its records may be incomplete, and
+    samples may come from elsewhere). A list made under another pseudonymisation key than the
+    manifest's is refused, naming the list."""
+    if not exclusion_list:
+        return Exclusion()
+    m = Manifest.load(manifest)
+    patients, version = load_excluded(str(exclusion_list), load_exclusion_list, m, None, sync=False)
+    return Exclusion(patients, version, in_dataset=len(patients & m.patients()))

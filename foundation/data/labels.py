@@ -260,39 +260,6 @@ def source_samples(
     return iter_samples(m, decode_image=True)
 
 
-@dataclass
-class Exclusion:
-    """The patients of an exclusion list, and what they removed from a run."""
-
-    patients: frozenset[str] = frozenset()  # the whole list: any sample's patient is tested
-    version: str | None = None
-    in_dataset: int = 0  # of them, patients the manifest lists
-    dropped: int = 0  # samples skipped so far
-
-    def drop(self, samples: Iterable[Sample]) -> Iterator[Sample]:
-        """``samples`` without those of the excluded patients (counted in ``dropped``)."""
-        for s in samples:
-            if s.meta.get("patient") in self.patients:
-                self.dropped += 1
-                continue
-            yield s
-
-
-def load_exclusion(manifest: str | Path, exclusion_list: str | Path | None) -> Exclusion:
-    """The patients of ``exclusion_list`` (none when None). Samples are tested against the
-    whole list, not only the patients the manifest lists (its records may be incomplete, and
-    samples may come from elsewhere). A list made under another pseudonymisation key than the
-    manifest's is refused, naming the list."""
-    if not exclusion_list:
-        return Exclusion()
-    from foundation.data.exclusion_filter import load_excluded, load_exclusion_list
-    from foundation.shards.manifest import Manifest
-
-    m = Manifest.load(manifest)
-    patients, version = load_excluded(str(exclusion_list), load_exclusion_list, m, None, sync=False)
-    return Exclusion(patients, version, in_dataset=len(patients & m.patients()))
-
-
 def select_samples(samples: Iterable[Sample], modality: str, dims: int | None) -> Iterator[Sample]:
     """Samples of ``modality`` and ``dims`` (dims fixed by the first match when None)."""
     for s in samples:

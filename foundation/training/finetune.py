@@ -38,11 +38,11 @@ import numpy as np
 from torch import Tensor
 
 from foundation.data.encoder_input import encoder_eval_transform, input_lineage, input_windows
+from foundation.data.exclusion_filter import load_exclusion
 from foundation.data.labels import (
     LabelledSamples,
     LabelTable,
     join_labels,
-    load_exclusion,
     load_label_table,
     source_samples,
 )
